@@ -1,0 +1,273 @@
+"""Base model, tokenizer and LoRA: everything between a recipe and a trainable PeftModel.
+
+Each library mapping (BitsAndBytesConfig, LoraConfig) is built in exactly one function here, so a
+test can check it for every shipped recipe.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import UserError
+from .recipe import Recipe
+from .template import DEFAULT_CHAT_TEMPLATE
+
+PAD_CANDIDATES = ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>", "<|endoftext|>", "<unk>")
+
+
+def has_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def compute_dtype(recipe: Recipe) -> torch.dtype:
+    name = recipe.quantization.bnb_4bit_compute_dtype
+    if name == "auto":
+        if has_gpu():
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32  # CPU: bf16 matmuls are slow and, on AVX512-BF16 parts, a different kernel
+    return getattr(torch, name)
+
+
+def bnb_config(recipe: Recipe):
+    from transformers import BitsAndBytesConfig
+
+    q = recipe.quantization
+    return BitsAndBytesConfig(
+        load_in_4bit=q.load_in_4bit,
+        bnb_4bit_quant_type=q.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=compute_dtype(recipe),
+    )
+
+
+def quiet_libraries() -> None:
+    """Keep the terminal for qlora-kit's own messages: no per-file progress bars, no known warnings."""
+    import warnings
+
+    import logging
+
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    # bitsandbytes has no paged memory on CPU; the CPU fallback is expected, not a problem
+    warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+
+
+# --- finding the base model -----------------------------------------------------------------------
+
+WEIGHT_GLOBS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin")
+
+
+def resolve_base_model(spec: str, revision: str | None = None) -> str:
+    """A local directory (checked for config and weights), builtin:tiny, or a hub id (checked now,
+    so an offline machine fails in one second with a fix, not after data preparation)."""
+    if spec.startswith("builtin:"):
+        from . import tiny
+
+        return str(tiny.ensure(spec.split(":", 1)[1]))
+    p = Path(spec).expanduser()
+    looks_local = p.exists() or spec.startswith(("/", "./", "../", "~")) or spec.count("/") > 1
+    if looks_local:
+        if not p.is_dir():
+            raise UserError(f"base model directory not found: {spec}", "pass --base-model with an existing directory or a hub id")
+        if not (p / "config.json").is_file():
+            raise UserError(f"{p}: no config.json, so this is not a Hugging Face model directory",
+                            "point --base-model at the folder that holds config.json and the weights")
+        if not any(any(p.glob(g)) for g in WEIGHT_GLOBS):
+            raise UserError(f"{p}: config.json but no weights (*.safetensors)",
+                            "the download is incomplete; fetch the model again (huggingface-cli download ID --local-dir DIR)")
+        return str(p.resolve())
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(spec, revision=revision, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"])
+    except Exception as e:  # offline, unknown repo, gated, ...: all fixable by the user
+        kind = type(e).__name__
+        raise UserError(
+            f"cannot get base model '{spec}' from the Hugging Face hub ({kind}); it is not in the local cache "
+            "and could not be downloaded",
+            f"on a machine with network run `huggingface-cli download {spec}` (or copy the model folder here) "
+            "and pass --base-model /path/to/model; for a quick offline test use --base-model builtin:tiny",
+        ) from None
+
+
+# --- tokenizer ------------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenizerInfo:
+    template_source: str  # "model" | "recipe" | "default"
+    pad_token: str
+    stop_token_ids: list[int]
+
+
+def _embedding_rows(model_dir: str) -> int | None:
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return cfg.get("vocab_size") or (cfg.get("text_config") or {}).get("vocab_size")
+
+
+def prepare_tokenizer(tokenizer, recipe: Recipe, model_dir: str) -> TokenizerInfo:
+    """Chat template, a pad token distinct from EOS, and the ids that end an answer."""
+    if recipe.chat_template:
+        tokenizer.chat_template = recipe.chat_template
+        source = "recipe"
+    elif getattr(tokenizer, "chat_template", None):
+        source = "model"
+    else:
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+        source = "default"
+    if tokenizer.eos_token is None:
+        raise UserError(f"{model_dir}: the tokenizer defines no EOS token, so a model cannot learn to stop",
+                        "use a model whose tokenizer_config.json sets eos_token")
+    # pad must not be EOS: collators and losses that mask pad positions would hide EOS from the
+    # loss, and the tuned model would never stop generating (peers' most reported chat bug).
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        vocab = tokenizer.get_vocab()
+        choice = next((t for t in PAD_CANDIDATES if t in vocab and vocab[t] != tokenizer.eos_token_id), None)
+        rows = _embedding_rows(model_dir)
+        if choice is None and rows is not None and len(tokenizer) < rows:
+            # a spare embedding row exists (vocabularies are often padded to a multiple of 64/128):
+            # a new pad token there needs no resize; pad positions are masked, so its row never matters
+            tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+        elif choice is None and tokenizer.bos_token is not None and tokenizer.bos_token_id != tokenizer.eos_token_id:
+            tokenizer.pad_token = tokenizer.bos_token  # masked in attention and loss; only must not be EOS
+        elif choice is None:
+            raise UserError(f"{model_dir}: no token can serve as padding without hiding EOS",
+                            "add a pad token to the tokenizer (tokenizer_config.json: pad_token)")
+        else:
+            tokenizer.pad_token = choice
+    stop = {tokenizer.eos_token_id}
+    try:
+        from transformers import GenerationConfig
+
+        gen = GenerationConfig.from_pretrained(model_dir)
+        eos = gen.eos_token_id
+        stop |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    except (OSError, ValueError):
+        pass
+    return TokenizerInfo(source, tokenizer.pad_token, sorted(i for i in stop if i is not None))
+
+
+def load_tokenizer(model_dir: str, recipe: Recipe):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=recipe.trust_remote_code)
+    if not getattr(tok, "is_fast", False):
+        raise UserError(f"{model_dir}: only a slow (Python) tokenizer is available",
+                        "install `tokenizers` and make sure tokenizer.json is in the model folder")
+    return tok
+
+
+# --- model ----------------------------------------------------------------------------------------
+
+
+def pin_exact_cpu_kernels(model: nn.Module) -> int:
+    """On AVX512-BF16 CPUs bitsandbytes switches Linear4bit to a repacked bf16 kernel in eval/no-grad
+    mode: it asserts on out_features not divisible by 32 and moves logits by ~1e-2. Evaluation,
+    generation and the merge check must see the same numbers as training, so use the exact path."""
+    import bitsandbytes as bnb
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
+def load_4bit(model_dir: str, recipe: Recipe):
+    from transformers import AutoModelForCausalLM
+
+    dtype = compute_dtype(recipe)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir,
+            quantization_config=bnb_config(recipe),
+            dtype=dtype,
+            device_map={"": 0} if has_gpu() else {"": "cpu"},
+            trust_remote_code=recipe.trust_remote_code,
+            revision=None,
+        )
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise UserError(f"{model_dir}: this model needs custom code from its repository",
+                            "if you trust it, pass --trust-remote-code") from None
+        raise
+    pin_exact_cpu_kernels(model)
+    return model
+
+
+def _is_linear(m: nn.Module) -> bool:
+    # nn.Linear covers bnb.nn.Linear4bit (a subclass); GPT-2 style models use transformers' Conv1D.
+    return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
+
+
+def attention_module_names(model: nn.Module) -> list[str]:
+    """Full names of the linear layers inside the model's attention blocks, found by structure:
+    a module whose class name contains 'Attention' (LlamaAttention, Qwen2Attention, GPT2Attention,
+    MistralAttention, ...) and the linear layers beneath it."""
+    attn = [name for name, m in model.named_modules() if "attention" in type(m).__name__.lower() and name]
+    out = []
+    for name, m in model.named_modules():
+        if _is_linear(m) and any(name.startswith(a + ".") for a in attn):
+            out.append(name)
+    return out
+
+
+def target_modules_spec(model: nn.Module, target) -> str | list[str]:
+    """PEFT `target_modules` for the recipe's choice: a regex naming the attention projections of
+    this architecture (compact in adapter_config.json, loadable by plain PEFT), 'all-linear', or a list."""
+    if target == "all-linear":
+        return "all-linear"
+    if isinstance(target, list):
+        names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m)}
+        missing = [t for t in target if t not in names and not any(n.endswith("." + t) for n, _ in model.named_modules())]
+        if missing:
+            raise UserError(f"lora.target_modules: {', '.join(missing)} not found in this model",
+                            f"linear layers here: {', '.join(sorted(names))}")
+        return target
+    names = attention_module_names(model)
+    if not names:
+        raise UserError("found no attention projections in this model (no module class named *Attention*)",
+                        "set lora.target_modules to 'all-linear' or to a list of module names")
+    # group as <attention block leaf>.<projection>: e.g. self_attn.(q_proj|k_proj|v_proj|o_proj)
+    tails = sorted({".".join(n.split(".")[-2:]) for n in names})
+    return r"^(?:.*\.)?(?:" + "|".join(re.escape(t) for t in tails) + r")$"
+
+
+def lora_config(recipe: Recipe, model: nn.Module):
+    from peft import LoraConfig
+
+    lo = recipe.lora
+    return LoraConfig(
+        r=lo.r,
+        lora_alpha=lo.lora_alpha,
+        lora_dropout=lo.lora_dropout,
+        target_modules=target_modules_spec(model, lo.target_modules),
+        bias=lo.bias,
+        task_type="CAUSAL_LM",
+    )
+
+
+def attach_lora(model, recipe: Recipe):
+    from peft import get_peft_model
+
+    # Gradient checkpointing is switched on by the Trainer (SFTConfig.gradient_checkpointing).
+    # Deliberately not `prepare_model_for_kbit_training`: it upcasts embeddings and lm_head to fp32,
+    # which doubles their memory and makes the logits fp32 (DESIGN.md section 4).
+    peft_model = get_peft_model(model, lora_config(recipe, model))
+    return peft_model

@@ -1,0 +1,298 @@
+"""The typed recipe: one schema, loaded from YAML, overridden, validated, saved.
+
+Precedence, applied in `resolve()` and nowhere else:
+    schema defaults < recipe file < `--set a.b=value` < explicit CLI flags
+
+Field names follow the libraries they map to (`r`, `lora_alpha`, `bnb_4bit_quant_type`,
+`max_length`, ...) so each mapping into PEFT / bitsandbytes / TRL is a one-line copy that a test
+checks for every shipped recipe. Unknown keys are errors, never silently ignored: a misspelt key
+that is never read is the most common way a config lies to its user.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import UserError
+
+# Recipes ship at the repository top level; an installed wheel carries them inside the package.
+_PKG_DIR = Path(__file__).resolve().parent
+RECIPE_DIRS = [_PKG_DIR / "recipes", _PKG_DIR.parent / "recipes"]
+BUILTIN_RECIPES = ("medical", "legal", "finance", "industrial")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    path: str | None = Field(None, description="Q/A file (JSONL/JSON); relative paths resolve against the recipe file")
+    eval_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="share of rows held out for eval loss")
+    split_seed: int = 42
+    system_prompt: str | None = Field(None, description="system message added to every sample that has none")
+
+
+class QuantizationConfig(_Section):
+    # QLoRA is the point of this tool, so 4-bit is not optional; the quant type and double
+    # quantization are, because fp4 and single quantization are legitimate comparisons.
+    load_in_4bit: Literal[True] = True
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    bnb_4bit_use_double_quant: bool = True
+    bnb_4bit_compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="auto: bfloat16 on a GPU that supports it, float32 on CPU"
+    )
+
+
+class LoraSettings(_Section):
+    r: int = Field(16, ge=1, le=1024)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    # "attention": every attention projection of the loaded architecture, found from its modules.
+    # "all-linear": every linear layer but the output head. Or an explicit list of module names.
+    target_modules: Literal["attention", "all-linear"] | list[str] = "attention"
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("an empty list trains nothing; use 'attention', 'all-linear' or module names")
+        return v
+
+
+class TrainingConfig(_Section):
+    num_train_epochs: float = Field(3.0, gt=0)
+    max_steps: int = Field(-1, description="> 0 overrides num_train_epochs")
+    learning_rate: float = Field(2e-4, gt=0, lt=1)
+    per_device_train_batch_size: int = Field(4, ge=1)
+    per_device_eval_batch_size: int = Field(4, ge=1)
+    gradient_accumulation_steps: int = Field(4, ge=1)
+    max_length: int = Field(1024, ge=16)
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
+    lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(0.3, gt=0, description="QLoRA paper's clipping value")
+    optim: Literal["paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw_torch"] = "paged_adamw_8bit"
+    gradient_checkpointing: bool = True
+    logging_steps: int = Field(5, ge=1)
+    eval_steps: int = Field(20, ge=1)
+    save_steps: int = Field(50, ge=1)
+    save_total_limit: int = Field(2, ge=1)
+    seed: int = 42
+
+
+class Recipe(_Section):
+    name: str = "custom"
+    description: str = ""
+    base_model: str = Field(..., description="hub id, local directory, or builtin:tiny")
+    revision: str | None = None
+    trust_remote_code: bool = False
+    chat_template: str | None = Field(
+        None, description="Jinja chat template; default: the model's own, or qlora-kit's for models without one"
+    )
+    output_dir: str = Field("runs", description="parent folder of run directories")
+    data: DataConfig = DataConfig()
+    quantization: QuantizationConfig = QuantizationConfig()
+    lora: LoraSettings = LoraSettings()
+    training: TrainingConfig = TrainingConfig()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+# --- locating and reading -------------------------------------------------------------------------
+
+
+def builtin_recipe_path(name: str) -> Path | None:
+    for d in RECIPE_DIRS:
+        p = d / f"{name}.yaml"
+        if p.is_file():
+            return p
+    return None
+
+
+def find_recipe(spec: str) -> Path:
+    """A built-in recipe name or a path to a YAML file."""
+    p = Path(spec)
+    if p.suffix in (".yaml", ".yml") or os.sep in spec or p.is_file():
+        if not p.is_file():
+            raise UserError(f"recipe file not found: {spec}", "check the path, or use a built-in recipe name")
+        return p
+    found = builtin_recipe_path(spec)
+    if found is None:
+        close = difflib.get_close_matches(spec, BUILTIN_RECIPES, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else "run `qlora-kit recipes` for the list"
+        raise UserError(f"unknown recipe '{spec}' (built-in: {', '.join(BUILTIN_RECIPES)})", hint)
+    return found
+
+
+def _key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Line number (1-based) of every mapping key in a YAML document, by key path."""
+    lines: dict[tuple[str, ...], int] = {}
+
+    def walk(node, path):
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = (*path, str(k.value))
+                lines[key] = k.start_mark.line + 1
+                walk(v, key)
+
+    try:
+        walk(yaml.compose(text, Loader=yaml.SafeLoader), ())
+    except yaml.YAMLError:
+        pass
+    return lines
+
+
+def read_recipe_file(path: Path) -> dict[str, Any]:
+    text = path.read_text(encoding="utf-8")
+    try:
+        raw = yaml.safe_load(text)  # safe loader: a recipe never constructs Python objects
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise UserError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a recipe is a mapping of keys (name:, base_model:, lora:, ...)")
+    # Paths in a recipe are relative to the recipe, not to wherever the user stands.
+    data = raw.get("data")
+    if isinstance(data, dict) and isinstance(data.get("path"), str):
+        data["path"] = _relative_to(data["path"], path.parent)
+    if isinstance(raw.get("base_model"), str) and raw["base_model"].startswith(("./", "../")):
+        raw["base_model"] = _relative_to(raw["base_model"], path.parent)
+    return raw
+
+
+def _relative_to(p: str, base: Path) -> str:
+    q = Path(p).expanduser()
+    return str(q if q.is_absolute() else (base / q).resolve())
+
+
+# --- overrides ------------------------------------------------------------------------------------
+
+
+def parse_set(item: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (['a', 'b'], typed value). YAML parses the value, so `r=32` is an int."""
+    if "=" not in item:
+        raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set lora.r=32")
+    key, _, value = item.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise UserError(f"--set {item!r}: empty key; expected e.g. lora.r=32")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    return key.split("."), parsed
+
+
+def apply_override(raw: dict[str, Any], path: list[str], value: Any) -> None:
+    node = raw
+    for part in path[:-1]:
+        nxt = node.get(part)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            node[part] = nxt
+        node = nxt
+    node[path[-1]] = value
+
+
+# --- validation with messages a person can act on -------------------------------------------------
+
+
+def _all_paths(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    out = []
+    for name, field in model.model_fields.items():
+        out.append((*prefix, name))
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out.extend(_all_paths(ann, (*prefix, name)))
+    return out
+
+
+def _suggest(loc: tuple[str, ...]) -> str | None:
+    """Closest valid key: first among siblings, then anywhere (lora.learning_rate -> training.learning_rate)."""
+    paths = _all_paths(Recipe)
+    key = loc[-1]
+    siblings = [p[-1] for p in paths if p[:-1] == loc[:-1]]
+    close = difflib.get_close_matches(key, siblings, n=1, cutoff=0.6)
+    if not close:
+        # short names defeat the similarity ratio (lora.rnak -> lora.r): fall back to a shared prefix
+        pref = [s for s in siblings if key.startswith(s) or s.startswith(key)]
+        close = sorted(pref, key=len, reverse=True)[:1]
+    if close:
+        return ".".join((*loc[:-1], close[0]))
+    elsewhere = [p for p in paths if p[-1] == key] or [
+        p for p in paths if difflib.get_close_matches(key, [p[-1]], n=1, cutoff=0.8)
+    ]
+    if elsewhere:
+        return ".".join(elsewhere[0])
+    return None
+
+
+def format_errors(err: ValidationError, source: str, lines: dict[tuple[str, ...], int],
+                  overridden: dict[tuple[str, ...], str] | None = None) -> str:
+    overridden = overridden or {}
+    out = []
+    for e in err.errors():
+        loc = tuple(str(x) for x in e["loc"])
+        # pydantic reports union members as extra loc parts ("list[str]", "literal[...]"); drop them
+        loc = tuple(x for x in loc if not x.startswith(("list[", "literal[")))
+        field = ".".join(loc) if loc else "(recipe)"
+        line = lines.get(loc)
+        origin = next((o for p, o in overridden.items() if loc[: len(p)] == p), None)
+        if origin:
+            where = f"{origin}: "
+        else:
+            where = f"{source}:{line}: " if line else (f"{source}: " if source else "")
+        if e["type"] == "extra_forbidden":
+            sugg = _suggest(loc)
+            msg = f"{where}{field}: unknown key" + (f"; did you mean {sugg}?" if sugg else "")
+        elif e["type"] == "missing":
+            msg = f"{where}{field}: required (set it in the recipe or with --{loc[-1].replace('_', '-')})"
+        else:
+            got = e.get("input")
+            got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+            msg = f"{where}{field}: {e['msg']}{got_s}"
+        if msg not in out:
+            out.append(msg)
+    return "\n".join(out)
+
+
+def validate(raw: dict[str, Any], source: str = "", lines: dict | None = None,
+             overridden: dict[tuple[str, ...], str] | None = None) -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise UserError(format_errors(e, source, lines or {}, overridden)) from None
+
+
+def resolve(spec: str, sets: list[str] | None = None, flags: dict[str, Any] | None = None) -> tuple[Recipe, Path]:
+    """Build the effective recipe. Precedence: defaults < file < --set < flags (applied in that order)."""
+    path = find_recipe(spec)
+    raw = read_recipe_file(path)
+    lines = _key_lines(path.read_text(encoding="utf-8"))
+    overridden: dict[tuple[str, ...], str] = {}
+    for item in sets or []:
+        key, value = parse_set(item)
+        apply_override(raw, key, value)
+        overridden[tuple(key)] = f"--set {item}"
+    for dotted, value in (flags or {}).items():
+        if value is not None:
+            apply_override(raw, dotted.split("."), value)
+            overridden[tuple(dotted.split("."))] = f"--{dotted.rsplit('.', 1)[-1].replace('_', '-')}"
+    return validate(raw, str(path), lines, overridden), path
+
+
+def load_saved(path: Path) -> Recipe:
+    """Read a resolved recipe back from a run directory."""
+    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    return validate(raw, str(path), _key_lines(path.read_text(encoding="utf-8")))

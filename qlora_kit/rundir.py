@@ -1,0 +1,143 @@
+"""The run directory: written by `train`, read back by every later command.
+
+    runs/legal-20261201-093000/
+      recipe.yaml      the resolved recipe (defaults + file + --set + flags)
+      run.json         machine-readable facts: base model, data hash, rows, template, status, versions
+      README.md        the run card, for people
+      metrics.json     final losses and the full log history
+      adapter/         adapter_model.safetensors + adapter_config.json (plain PEFT loads it)
+      tokenizer/       tokenizer with the exact chat template used in training
+      checkpoints/     Trainer checkpoints every save_steps
+      logs/            TensorBoard event files
+
+A run directory needs nothing else: merge, generate (and later eval, chat, serve) take only its path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .errors import UserError
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+ADAPTER, TOKENIZER, CHECKPOINTS, LOGS = "adapter", "tokenizer", "checkpoints", "logs"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file and rename, so a crash never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; run files are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj) -> None:
+    write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def new_run_dir(output_dir: str, recipe_name: str, explicit: str | None) -> Path:
+    if explicit:
+        p = Path(explicit)
+        if p.exists() and any(p.iterdir()):
+            raise UserError(f"run directory {p} already exists and is not empty",
+                            "choose another --run-dir, or delete the old one")
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path(output_dir) / f"{recipe_name}-{stamp}"
+    p, n = base, 1
+    while p.exists():
+        n += 1
+        p = base.with_name(f"{base.name}-{n}")
+    p.mkdir(parents=True)
+    return p
+
+
+def is_run_dir(p: Path) -> bool:
+    return (p / "run.json").is_file() and (p / "recipe.yaml").is_file()
+
+
+def read_info(run_dir: Path) -> dict:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run directory not found: {run_dir}", "pass the folder that `qlora-kit train` printed")
+    if not is_run_dir(run_dir):
+        raise UserError(f"{run_dir} is not a qlora-kit run directory (no run.json/recipe.yaml)",
+                        "pass the folder that `qlora-kit train` printed")
+    return json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+
+
+def require_adapter(run_dir: Path) -> Path:
+    a = Path(run_dir) / ADAPTER
+    if not (a / "adapter_model.safetensors").is_file():
+        info = read_info(run_dir)
+        raise UserError(f"{run_dir}: no finished adapter (run status: {info.get('status', '?')})",
+                        "train to the end first; checkpoints are under checkpoints/")
+    return a
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("qlora-kit", "torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "accelerate"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def _fmt(v) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else ("–" if v is None else str(v))
+
+
+def write_card(run_dir: Path, info: dict, recipe, metrics: dict) -> None:
+    t, lo, q = recipe.training, recipe.lora, recipe.quantization
+    la = info.get("lora", {"modules": "?", "trainable_params": 0})
+    lines = [
+        f"# qlora-kit run: {info['recipe']}",
+        "",
+        f"Status: **{info['status']}** · started {info['started']} · finished {info.get('finished', '–')}",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| base model | `{info['base_model']}` |",
+        f"| data file | `{info['data']['path']}` |",
+        f"| data sha256 | `{info['data']['sha256']}` |",
+        f"| rows read / train / eval | {info['data']['rows']} / {info['data']['train_rows']} / {info['data']['eval_rows']} |",
+        f"| samples truncated at max_length / with the answer cut | {info['data']['truncated']} / {info['data']['answer_cut']} |",
+        f"| chat template | {info['tokenizer']['template_source']} (stored in `tokenizer/`) |",
+        f"| quantization | 4-bit {q.bnb_4bit_quant_type}, double quant {q.bnb_4bit_use_double_quant}, compute {info['compute_dtype']} |",
+        f"| LoRA | r={lo.r}, alpha={lo.lora_alpha}, dropout={lo.lora_dropout}, {la['modules']} modules, {la['trainable_params']:,} trainable params |",
+        f"| training | lr={t.learning_rate}, epochs={t.num_train_epochs}, max_steps={t.max_steps}, batch={t.per_device_train_batch_size}x{t.gradient_accumulation_steps}, max_length={t.max_length}, optim={t.optim} |",
+        f"| steps | {metrics.get('global_step', '–')} |",
+        f"| final train loss | {_fmt(metrics.get('train_loss'))} |",
+        f"| final eval loss | {_fmt(metrics.get('eval_loss'))} |",
+        f"| device | {info['device']} |",
+        "",
+        "Library versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()),
+        "",
+        "Adapter check: " + info.get("adapter_check", "not run"),
+        *([f"Error: `{info['error']}`", ""] if info.get("error") else []),
+        "",
+        f"Merge: `qlora-kit merge {run_dir}`",
+        "",
+    ]
+    write_atomic(Path(run_dir) / "README.md", "\n".join(lines))

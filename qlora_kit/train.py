@@ -1,0 +1,248 @@
+"""`qlora-kit train`: recipe -> run directory with a checked adapter. Reads top to bottom:
+
+    data -> base model -> tokenizer + template -> encode (answer-only labels, EOS in loss)
+    -> split -> run dir -> 4-bit model + LoRA -> SFTTrainer (paged 8-bit AdamW) -> save + check
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from . import data as data_mod
+from .errors import UserError
+from .recipe import Recipe
+from . import rundir
+
+console = Console(stderr=True, soft_wrap=True)
+
+
+def sft_config(recipe: Recipe, run_dir: Path, has_eval: bool):
+    """The one mapping from the recipe to TRL's SFTConfig."""
+    import torch
+    from trl import SFTConfig
+
+    from .model import compute_dtype, has_gpu
+
+    t = recipe.training
+    dtype = compute_dtype(recipe)
+    return SFTConfig(
+        output_dir=str(run_dir / rundir.CHECKPOINTS),
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        learning_rate=t.learning_rate,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        max_length=t.max_length,
+        warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of the total steps in transformers 5
+        lr_scheduler_type=t.lr_scheduler_type,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optim,
+        # non-reentrant checkpointing: works with frozen 4-bit layers and reaches the LoRA weights
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=t.eval_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu=not has_gpu(),
+        report_to="none",  # TensorBoard is added explicitly, writing into the run directory
+        disable_tqdm=True,  # Rich shows progress instead
+        dataloader_pin_memory=has_gpu(),
+        packing=False,
+        completion_only_loss=None,  # labels are built here, answer-only; TRL keeps a given labels column
+        assistant_only_loss=False,
+    )
+
+
+def _encode_all(tokenizer, convs, max_length: int, stop_ids: set[int]):
+    from .template import encode
+
+    rows, truncated, answer_cut, dropped = [], 0, 0, 0
+    for conv in convs:
+        e = encode(tokenizer, conv, max_length, stop_ids)
+        truncated += e.truncated
+        answer_cut += e.answer_cut
+        if all(lab == -100 for lab in e.labels):
+            dropped += 1  # the prompt alone fills max_length: nothing to learn from this row
+            rows.append(None)
+            continue
+        rows.append({"input_ids": e.input_ids, "labels": e.labels})
+    return rows, truncated, answer_cut, dropped
+
+
+def check_adapter(model) -> str:
+    """A saved adapter must be finite and trained: LoRA B starts at zero, so all-zero B means no learning."""
+    import torch
+
+    n_b, zero_b = 0, 0
+    for name, p in model.named_parameters():
+        if "lora_" not in name:
+            continue
+        if not torch.isfinite(p).all():
+            raise RuntimeError(f"adapter weight {name} has NaN/inf values; the run diverged")
+        if "lora_B" in name:
+            n_b += 1
+            zero_b += int(torch.count_nonzero(p) == 0)
+    if n_b == 0:
+        raise RuntimeError("the adapter has no LoRA weights")
+    if zero_b == n_b:
+        raise RuntimeError("every LoRA B matrix is still zero: the adapter learned nothing (learning rate 0? no steps?)")
+    return f"ok: {n_b} LoRA B matrices, {n_b - zero_b} non-zero, all weights finite"
+
+
+def run(recipe: Recipe, run_dir_arg: str | None = None) -> Path:
+    t0 = time.time()
+    # 1. data: cheap, no torch, so bad files fail in a second
+    if not recipe.data.path:
+        raise UserError("no data file: the recipe has no data.path", "pass --data FILE")
+    ds = data_mod.load(recipe.data.path, recipe.data.system_prompt)
+    for s in ds.skipped[:5]:
+        console.print(f"[yellow]skipped[/] {s}")
+    console.print(f"data: {len(ds.conversations)} conversations from {ds.path} ({ds.layout})")
+
+    # 2. base model (a hub id offline fails here, before anything heavy)
+    from .model import resolve_base_model
+
+    model_dir = resolve_base_model(recipe.base_model, recipe.revision)
+
+    # 3. tokenizer, template, encoding
+    import datasets
+    import torch
+    import transformers
+    from transformers import PrinterCallback
+    from transformers.integrations import TensorBoardCallback
+    from trl import SFTTrainer
+
+    from .model import attach_lora, compute_dtype, has_gpu, load_4bit, load_tokenizer, prepare_tokenizer
+    from .progress import RichProgress
+
+    from .model import quiet_libraries
+
+    quiet_libraries()
+
+    tokenizer = load_tokenizer(model_dir, recipe)
+    tok_info = prepare_tokenizer(tokenizer, recipe, model_dir)
+    rows, truncated, answer_cut, dropped = _encode_all(
+        tokenizer, ds.conversations, recipe.training.max_length, set(tok_info.stop_token_ids)
+    )
+    if truncated:
+        console.print(f"[yellow]warning[/]: {truncated} samples exceed max_length={recipe.training.max_length}"
+                      f" and are cut; in {answer_cut} of them part of the answer (and its EOS) is lost"
+                      " (raise training.max_length to keep them whole)")
+    keep = [i for i, r in enumerate(rows) if r is not None]
+    if not keep:
+        raise UserError(f"{ds.path}: every sample's prompt is longer than max_length={recipe.training.max_length}",
+                        "raise training.max_length")
+    train_idx, eval_idx = data_mod.split(len(keep), recipe.data.eval_fraction, recipe.data.split_seed)
+    train_rows = [rows[keep[i]] for i in train_idx]
+    eval_rows = [rows[keep[i]] for i in eval_idx]
+
+    # 4. run directory: the resolved recipe and the tokenizer first, so a crash still leaves a readable run
+    run_dir = rundir.new_run_dir(recipe.output_dir, recipe.name, run_dir_arg)
+    rundir.write_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
+    tokenizer.save_pretrained(run_dir / rundir.TOKENIZER)
+    dtype = compute_dtype(recipe)
+    info = {
+        "recipe": recipe.name,
+        "base_model": recipe.base_model,
+        "base_model_path": model_dir,
+        "status": "running",
+        "started": rundir.now(),
+        "device": torch.cuda.get_device_name(0) if has_gpu() else f"cpu ({torch.get_num_threads()} threads)",
+        "compute_dtype": str(dtype).replace("torch.", ""),
+        "data": {
+            "path": str(ds.path.resolve()), "sha256": ds.sha256, "layout": ds.layout,
+            "rows": len(ds.conversations) + len(ds.skipped), "skipped": len(ds.skipped), "dropped_too_long": dropped,
+            "train_rows": len(train_rows), "eval_rows": len(eval_rows),
+            "truncated": truncated, "answer_cut": answer_cut,
+            "train_tokens": sum(len(r["input_ids"]) for r in train_rows),
+            "train_answer_tokens": sum(sum(1 for x in r["labels"] if x != -100) for r in train_rows),
+        },
+        "tokenizer": {"template_source": tok_info.template_source, "pad_token": tok_info.pad_token,
+                      "stop_token_ids": tok_info.stop_token_ids},
+        "versions": rundir.versions(),
+    }
+    rundir.write_json(run_dir / "run.json", info)
+    console.print(f"run directory: {run_dir}")
+
+    try:
+        # 5. model: 4-bit NF4 base, LoRA on the attention projections
+        model = load_4bit(model_dir, recipe)
+        model = attach_lora(model, recipe)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        lora_modules = sum(1 for n, _ in model.named_modules() if n.endswith(".lora_A"))
+        info["lora"] = {"trainable_params": trainable, "modules": lora_modules,
+                        "target_modules": model.peft_config["default"].target_modules
+                        if isinstance(model.peft_config["default"].target_modules, str)
+                        else sorted(model.peft_config["default"].target_modules)}
+
+        # 6. train
+        tensorboard = TensorBoardCallback()
+        tensorboard.logging_dir = str(run_dir / rundir.LOGS)  # not checkpoints/runs/<date>
+        args = sft_config(recipe, run_dir, has_eval=bool(eval_rows))
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=datasets.Dataset.from_list(train_rows),
+            eval_dataset=datasets.Dataset.from_list(eval_rows) if eval_rows else None,
+            processing_class=tokenizer,
+            callbacks=[RichProgress(console), tensorboard],
+        )
+        # TRL casts LoRA weights of a quantized model to bf16. Keep fp32 master weights instead:
+        # autocast still computes in bf16 on GPU, but small optimizer updates are not rounded away,
+        # and on CPU the LoRA path stays in the fp32 compute dtype the base layers use.
+        for p in trainer.model.parameters():
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
+        trainer.remove_callback(PrinterCallback)  # Rich prints progress; no raw dicts on stderr
+        result = trainer.train()
+        metrics = {"global_step": trainer.state.global_step, "train_loss": _last(trainer.state.log_history, "loss"),
+                   "train_loss_mean": result.training_loss, "train_runtime_s": result.metrics.get("train_runtime")}
+        if eval_rows:
+            ev = trainer.evaluate()
+            metrics["eval_loss"] = ev["eval_loss"]
+            metrics["eval_perplexity"] = math.exp(min(ev["eval_loss"], 50))
+        metrics["log_history"] = trainer.state.log_history
+
+        # 7. save the adapter atomically, then check it
+        info["adapter_check"] = check_adapter(trainer.model)
+        final = run_dir / rundir.ADAPTER
+        tmp = run_dir / ".adapter.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        trainer.model.save_pretrained(tmp, safe_serialization=True)
+        os.replace(tmp, final)
+        info.update(status="finished", finished=rundir.now(), wall_s=round(time.time() - t0, 1))
+        rundir.write_json(run_dir / "metrics.json", metrics)
+        rundir.write_json(run_dir / "run.json", info)
+        rundir.write_card(run_dir, info, recipe, metrics)
+    except BaseException as e:
+        info.update(status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
+                    finished=rundir.now(), error=f"{type(e).__name__}: {e}"[:500])
+        rundir.write_json(run_dir / "run.json", info)
+        rundir.write_card(run_dir, info, recipe, {})
+        raise
+    ev_s = f", eval loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else ""
+    console.print(f"[green]done[/]: {metrics['global_step']} steps, train loss {metrics['train_loss']:.4f}{ev_s}")
+    return run_dir
+
+
+def _last(history: list[dict], key: str):
+    for h in reversed(history):
+        if key in h:
+            return float(h[key])
+    return None
