@@ -105,7 +105,9 @@ def check_adapter(model) -> str:
     return f"ok: {n_b} LoRA B matrices, {n_b - zero_b} non-zero, all weights finite"
 
 
-def run(recipe: Recipe, run_dir_arg: str | None = None) -> Path:
+def run(recipe: Recipe, run_dir_arg: str | None = None, callbacks: list | None = None) -> Path:
+    """Train and return the run directory. `callbacks` are extra TrainerCallbacks (tests use them to
+    look at the live model; nothing in qlora-kit needs them)."""
     t0 = time.time()
     # 1. data: cheap, no torch, so bad files fail in a second
     if not recipe.data.path:
@@ -201,7 +203,7 @@ def run(recipe: Recipe, run_dir_arg: str | None = None) -> Path:
             train_dataset=datasets.Dataset.from_list(train_rows),
             eval_dataset=datasets.Dataset.from_list(eval_rows) if eval_rows else None,
             processing_class=tokenizer,
-            callbacks=[RichProgress(console), tensorboard],
+            callbacks=[RichProgress(console), tensorboard, *(callbacks or [])],
         )
         # TRL casts LoRA weights of a quantized model to bf16. Keep fp32 master weights instead:
         # autocast still computes in bf16 on GPU, but small optimizer updates are not rounded away,
