@@ -29,7 +29,7 @@ smoke-test: $(STAMP)
 	$(BIN)/qlora-kit merge $(RUNS)/legal --out $(RUNS)/legal-merged --dtype fp32
 	$(BIN)/qlora-kit generate $(RUNS)/legal --prompt "劳动者被违法解除劳动合同，可以主张什么？" --max-new-tokens 24
 	$(BIN)/qlora-kit generate $(RUNS)/legal-merged --prompt "劳动者被违法解除劳动合同，可以主张什么？" --max-new-tokens 24
-	@echo "smoke test passed: runs under $(RUNS)"
+	@echo "smoke test passed: runs under $(RUNS) (a random tiny model: the answer text is noise; this checks the pipeline)"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

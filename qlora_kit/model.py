@@ -69,7 +69,7 @@ def quiet_libraries() -> None:
 WEIGHT_GLOBS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin")
 
 
-def resolve_base_model(spec: str, revision: str | None = None) -> str:
+def resolve_base_model(spec: str, revision: str | None = None, trust_remote_code: bool = False) -> str:
     """A local directory (checked for config and weights), builtin:tiny, or a hub id (checked now,
     so an offline machine fails in one second with a fix, not after data preparation)."""
     if spec.startswith("builtin:"):
@@ -86,18 +86,20 @@ def resolve_base_model(spec: str, revision: str | None = None) -> str:
                             "point --base-model at the folder that holds config.json and the weights")
         if not any(any(p.glob(g)) for g in WEIGHT_GLOBS):
             raise UserError(f"{p}: config.json but no weights (*.safetensors)",
-                            "the download is incomplete; fetch the model again (huggingface-cli download ID --local-dir DIR)")
+                            "the download is incomplete; fetch the model again (hf download ID --local-dir DIR)")
         return str(p.resolve())
     from huggingface_hub import snapshot_download
 
     try:
-        return snapshot_download(spec, revision=revision, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"])
+        # safetensors only: pickled *.bin weights can run code when loaded
+        patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+        return snapshot_download(spec, revision=revision, allow_patterns=patterns + (["*.py"] if trust_remote_code else []))
     except Exception as e:  # offline, unknown repo, gated, ...: all fixable by the user
         kind = type(e).__name__
         raise UserError(
             f"cannot get base model '{spec}' from the Hugging Face hub ({kind}); it is not in the local cache "
             "and could not be downloaded",
-            f"on a machine with network run `huggingface-cli download {spec}` (or copy the model folder here) "
+            f"on a machine with network run `hf download {spec} --local-dir DIR` (or copy the model folder here) "
             "and pass --base-model /path/to/model; for a quick offline test use --base-model builtin:tiny",
         ) from None
 

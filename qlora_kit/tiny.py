@@ -72,6 +72,9 @@ def build(name: str, out: Path) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+    from .model import quiet_libraries
+
+    quiet_libraries()
     torch.manual_seed(0)
     texts = _corpus()
     if name == "tiny":

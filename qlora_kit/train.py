@@ -120,7 +120,7 @@ def run(recipe: Recipe, run_dir_arg: str | None = None, callbacks: list | None =
     # 2. base model (a hub id offline fails here, before anything heavy)
     from .model import resolve_base_model
 
-    model_dir = resolve_base_model(recipe.base_model, recipe.revision)
+    model_dir = resolve_base_model(recipe.base_model, recipe.revision, recipe.trust_remote_code)
 
     # 3. tokenizer, template, encoding
     import datasets
