@@ -118,8 +118,11 @@ def run(recipe: Recipe, run_dir_arg: str | None = None, callbacks: list | None =
     console.print(f"data: {len(ds.conversations)} conversations from {ds.path} ({ds.layout})")
 
     # 2. base model (a hub id offline fails here, before anything heavy)
-    from .model import resolve_base_model
+    from .model import has_gpu, resolve_base_model
 
+    if not has_gpu() and not recipe.base_model.startswith("builtin:") and not Path(recipe.base_model).is_dir():
+        console.print("[yellow]warning[/]: no CUDA GPU found; a multi-billion-parameter model trains on CPU "
+                      "at a few tokens per second (use --base-model builtin:tiny to check the pipeline)")
     model_dir = resolve_base_model(recipe.base_model, recipe.revision, recipe.trust_remote_code)
 
     # 3. tokenizer, template, encoding
@@ -130,7 +133,7 @@ def run(recipe: Recipe, run_dir_arg: str | None = None, callbacks: list | None =
     from transformers.integrations import TensorBoardCallback
     from trl import SFTTrainer
 
-    from .model import attach_lora, compute_dtype, has_gpu, load_4bit, load_tokenizer, prepare_tokenizer
+    from .model import attach_lora, compute_dtype, load_4bit, load_tokenizer, prepare_tokenizer
     from .progress import RichProgress
 
     from .model import quiet_libraries

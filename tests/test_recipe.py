@@ -38,7 +38,7 @@ def test_domain_answer_styles():
 
     import re
 
-    assert all(re.search(r"《[^》]+》第[一二三四五六七八九十百零]+条", r["answer"]) for r in rows("legal"))
+    assert all(re.search(r"《[^》]+》第[一二三四五六七八九十百千零]+条", r["answer"]) for r in rows("legal"))
     keys = None
     for r in rows("finance"):
         obj = json.loads(r["answer"])  # finance answers are JSON and nothing else

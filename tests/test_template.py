@@ -44,11 +44,15 @@ def test_labels_cover_exactly_the_answers_and_their_eos(which, request):
     assert all(lab in (-100, i) for lab, i in zip(e.labels, e.input_ids))
 
 
-def test_pad_token_is_never_eos(tiny_dir, tiny_chat_dir, stories_dir):
-    for d in (tiny_dir, tiny_chat_dir, stories_dir):
+def test_pad_token_is_never_eos(tiny_dir, tiny_chat_dir):
+    for d in (tiny_dir, tiny_chat_dir):
         tok, info = _prep(d)
         assert tok.pad_token is not None and tok.pad_token_id != tok.eos_token_id
+
+
+def test_stories260k_pad_is_unk(stories_dir):
     tok, _ = _prep(stories_dir)
+    assert tok.pad_token_id != tok.eos_token_id
     assert tok.pad_token == "<unk>"  # stories260K has no pad token; <unk> is in its vocabulary
 
 

@@ -166,3 +166,16 @@ def test_model_with_own_template_and_all_linear(tiny_chat_dir, qa_file, tmp_path
     assert "<|im_start|>" in tmpl
     report = merge.run(run_dir, tmp_path / "merged", dtype="fp32")  # tied embeddings survive the merge
     assert report["max_abs_logit_diff"] < 1e-3
+
+
+def test_merge_shards_big_models(tiny_run, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run_dir, _ = tiny_run
+    merge.run(run_dir, tmp_path / "sharded", dtype="fp32", max_shard_size="100KB")
+    shards = sorted((tmp_path / "sharded").glob("model-*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "sharded")
+    sharded = AutoModelForCausalLM.from_pretrained(tmp_path / "sharded").eval()
+    diff = (_logits(sharded, tok, PROBE) - _logits(_plain_peft(run_dir), tok, PROBE)).abs().max().item()
+    assert diff < 1e-3
