@@ -57,14 +57,21 @@ def train_cmd(
     set_: list[str] = typer.Option([], "--set", help="override a recipe field: --set lora.r=32 (repeatable)"),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="run directory (default: <output_dir>/<recipe>-<time>)"),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="stop after N optimizer steps"),
+    columns: Optional[str] = typer.Option(None, "--columns", help="explicit data mapping, e.g. question=ask,answer=answer"),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="drop unreadable data rows (counted) instead of stopping"),
+    scrub_pii: bool = typer.Option(False, "--scrub-pii", help="redact personal data before training"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow model code from its repository"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved recipe as YAML and exit"),
 ) -> None:
     """Fine-tune a 4-bit base model with LoRA on a Q/A file."""
+    from . import data as data_mod
     from . import recipe as recipe_mod
 
     flags = {
         "data.path": str(data.expanduser().resolve()) if data else None,
+        "data.columns": data_mod.parse_columns(columns) if columns else None,
+        "data.skip_bad": True if skip_bad else None,
+        "data.scrub_pii": True if scrub_pii else None,
         "base_model": base_model,
         "training.max_steps": max_steps,
         "trust_remote_code": True if trust_remote_code else None,
@@ -104,6 +111,101 @@ def generate_cmd(
 
     loaded = generate.load(model_dir)
     print(generate.answer(loaded, prompt, max_new_tokens))
+
+
+data_app = typer.Typer(help="Check, redact and generate training data.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+def _data_recipe(recipe: Optional[str], file: Path, base_model: Optional[str], columns: Optional[str],
+                 skip_bad: bool, max_length: Optional[int], scrub: bool = False):
+    from . import data as data_mod
+    from . import recipe as recipe_mod
+
+    flags = {"data.path": str(file.expanduser().resolve()), "base_model": base_model,
+             "training.max_length": max_length, "data.skip_bad": True if skip_bad else None,
+             "data.scrub_pii": True if scrub else None}
+    if columns:
+        flags["data.columns"] = data_mod.parse_columns(columns)
+    if recipe:
+        return recipe_mod.resolve(recipe, [], flags)[0]
+    raw = {"base_model": "builtin:none"}
+    for k, v in flags.items():
+        if v is not None:
+            recipe_mod.apply_override(raw, k.split("."), v)
+    return recipe_mod.validate(raw, "command line")
+
+
+@data_app.command("check")
+def data_check_cmd(
+    file: Path = typer.Argument(..., help="JSONL, JSON, CSV/TSV, XLSX or dialogue text"),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="check under this recipe's tokenizer, template and max_length"),
+    base_model: Optional[str] = typer.Option(None, "--base-model", help="tokenizer to measure lengths with (hub id, folder, builtin:tiny)"),
+    columns: Optional[str] = typer.Option(None, "--columns", help="explicit mapping, e.g. question=ask,answer=answer"),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="drop unreadable rows (counted) instead of stopping"),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="override training.max_length"),
+    scrub: bool = typer.Option(False, "--scrub-pii", help="check the data as it would be after redaction"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON on stdout"),
+) -> None:
+    """Report what would be trained: rows, drops (file:line), duplicates, leakage, lengths, one sample."""
+    import json
+
+    from . import datacheck
+
+    rec = _data_recipe(recipe, file, base_model, columns, skip_bad, max_length, scrub)
+    tok = stop = note = None
+    if rec.base_model != "builtin:none":
+        tok, stop, note = datacheck.load_tokenizer_for_check(rec)
+    else:
+        note = "pass --recipe or --base-model to measure token lengths"
+    prep = datacheck.prepare(rec, tok, stop, note)
+    if as_json:
+        print(json.dumps(prep.report, ensure_ascii=False, indent=2))
+    else:
+        datacheck.render(prep.report, err)
+
+
+@data_app.command("scrub")
+def data_scrub_cmd(
+    file: Path = typer.Argument(..., help="a data file in any format `data check` reads"),
+    out_file: Path = typer.Option(..., "-o", "--out", help="output JSONL (OpenAI messages layout)"),
+    columns: Optional[str] = typer.Option(None, "--columns", help="explicit mapping, e.g. question=ask,answer=answer"),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="drop unreadable rows (counted) instead of stopping"),
+) -> None:
+    """Redact personal data (ID, bank card, phone numbers, e-mails, labelled names) into a new file."""
+    import json
+
+    from . import data as data_mod
+    from . import pii
+    from .rundir import write_atomic
+
+    if out_file.resolve() == file.resolve():
+        raise UserError("--out must differ from the input file", "write the redacted copy to a new file")
+    ds = data_mod.load(file, None, data_mod.parse_columns(columns), skip_bad)
+    convs, counts = pii.scrub_conversations(ds.conversations)
+    write_atomic(out_file, "".join(json.dumps({"messages": c}, ensure_ascii=False) + "\n" for c in convs))
+    summary = ", ".join(f"{k}: {counts.get(k, 0)}" for k in pii.KINDS)
+    err.print(f"redacted {sum(counts.values())} items in {len(convs)} conversations ({summary})", highlight=False)
+    print(out_file)
+
+
+@data_app.command("synth")
+def data_synth_cmd(
+    domain: str = typer.Argument(..., help="finance: contract clauses -> JSON extraction"),
+    n: int = typer.Option(2000, "-n", help="number of pairs"),
+    out_file: Path = typer.Option(..., "-o", "--out", help="output JSONL"),
+    seed: int = typer.Option(0, "--seed", help="same seed, same file"),
+) -> None:
+    """Generate a starter set of synthetic Q/A pairs from templates (fixed seed)."""
+    from . import synth
+
+    if domain not in synth.DOMAINS:
+        raise UserError(f"no synthetic generator for '{domain}'", f"available: {', '.join(synth.DOMAINS)}")
+    if n < 1:
+        raise UserError("-n must be at least 1")
+    synth.write_jsonl(out_file, synth.generate(domain, n, seed))
+    err.print(f"wrote {n} {domain} pairs (seed {seed})")
+    print(out_file)
 
 
 def main() -> None:

@@ -1,47 +1,49 @@
-"""Read a user's Q/A file into one internal form: a list of conversations.
+"""Records -> conversations: the layouts people bring, an explicit column mapping that always
+wins, and a train/eval split that keeps near-duplicates on one side.
 
-A conversation is a list of `{"role": "system"|"user"|"assistant", "content": str}` messages; every
-assistant turn is trained on. This module knows file formats and record layouts and nothing about
-tokenizers; `template.py` turns conversations into tokens and labels.
-
-Every rejected record names its file and line, so a user can open the file and fix it.
+A conversation is a list of `{"role": "system"|"user"|"assistant", "content": str}` messages;
+every assistant turn is trained on. `readers.py` knows files and encodings; `template.py` turns
+conversations into tokens and labels; this module is the part in between.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import readers
 from .errors import UserError
 
 Message = dict[str, str]
 Conversation = list[Message]
 
-# Plain question/answer columns under the names people actually use.
-QUESTION_KEYS = ("question", "query", "ask", "prompt", "input", "问题", "问", "提问", "instruction")
-ANSWER_KEYS = ("answer", "response", "output", "completion", "reply", "回答", "答", "答案", "回复")
-ROLE_ALIASES = {
-    "system": "system",
-    "user": "user",
-    "human": "user",
-    "assistant": "assistant",
-    "gpt": "assistant",
-    "bot": "assistant",
-    "model": "assistant",
-}
+# Plain question/answer columns under the names people actually use (matched case-insensitively).
+QUESTION_KEYS = ("question", "query", "ask", "prompt", "input", "instruction", "q", "问题", "问", "提问",
+                 "咨询", "问句", "用户", "患者提问", "咨询内容", "题目")
+ANSWER_KEYS = ("answer", "response", "output", "completion", "reply", "a", "回答", "答", "答案", "回复",
+               "医生回答", "律师回答", "解答", "答复")
+SYSTEM_KEYS = ("system", "system_prompt", "系统提示")
+ROLE_ALIASES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
+                "bot": "assistant", "model": "assistant", "chatgpt": "assistant", "observation": "user"}
+MAPPING_KEYS = ("question", "answer", "system", "input", "messages")
 
 
 @dataclass
 class Dataset:
     path: Path
     conversations: list[Conversation]
-    lines: list[int]  # source line (1-based) of each conversation
+    wheres: list[str]  # "file:line" of each conversation
+    format: str
+    encoding: str
     layout: str
     sha256: str
-    skipped: list[str] = field(default_factory=list)
+    mapping: dict[str, str] = field(default_factory=dict)  # internal field -> source column, when tabular
+    dropped: list[tuple[str, str]] = field(default_factory=list)  # (where, reason): empty Q or A
+    bad: list[tuple[str, str]] = field(default_factory=list)  # (where, reason): unreadable rows (skipped)
+    rows_read: int = 0
+    columns: list[str] | None = None  # header of a tabular file
 
 
 def file_sha256(path: Path) -> str:
@@ -52,65 +54,36 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _records(path: Path) -> list[tuple[int, object]]:
-    """(line, record) pairs from a JSON array or JSON Lines file, whatever its extension says."""
-    raw = path.read_bytes()
-    if not raw.strip():
-        raise UserError(f"{path}: the file is empty", "add one Q/A pair per line, e.g. {\"question\": ..., \"answer\": ...}")
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise UserError(f"{path}:{line}: not UTF-8 text", "save the file as UTF-8 (Excel: 'CSV UTF-8')") from None
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            arr = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
-        # line of each element: find where each top-level object starts
-        starts = _array_element_lines(text, len(arr))
-        return list(zip(starts, arr))
-    out = []
-    for i, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            out.append((i, json.loads(line)))
-        except json.JSONDecodeError as e:
-            raise UserError(
-                f"{path}:{i}: invalid JSON ({e.msg} at column {e.colno})",
-                "each line must be one JSON object; check quotes and commas on that line",
-            ) from None
+def parse_columns(spec: str | None) -> dict[str, str]:
+    """`question=ask,answer=answer` -> {"question": "ask", "answer": "answer"}."""
+    if not spec:
+        return {}
+    out = {}
+    for part in spec.split(","):
+        if "=" not in part:
+            raise UserError(f"--columns {spec!r}: expected FIELD=COLUMN pairs, e.g. question=ask,answer=answer")
+        k, _, v = part.partition("=")
+        k, v = k.strip(), v.strip()
+        if k not in MAPPING_KEYS:
+            raise UserError(f"--columns: unknown field {k!r}", f"fields: {', '.join(MAPPING_KEYS)}")
+        out[k] = v
     return out
 
 
-def _array_element_lines(text: str, n: int) -> list[int]:
-    dec = json.JSONDecoder()
-    lines, pos = [], text.index("[") + 1
-    for _ in range(n):
-        while text[pos] in " \t\r\n,":
-            pos += 1
-        lines.append(text.count("\n", 0, pos) + 1)
-        _, pos = dec.raw_decode(text, pos)
-    return lines
-
-
-def _pick(rec: dict, keys: tuple[str, ...]) -> str | None:
-    for k in keys:
-        if k in rec:
-            return k
-    lower = {str(k).lower(): k for k in rec}
-    for k in keys:
-        if k in lower:
-            return lower[k]
+def _pick(keys, candidates) -> str | None:
+    lower = {str(k).strip().lower(): k for k in keys}
+    for c in candidates:
+        if c in lower:
+            return lower[c]
     return None
 
 
 def detect_layout(rec: dict) -> str:
-    if "messages" in rec:
+    if "__turns__" in rec:
+        return "dialogue"
+    if isinstance(rec.get("messages"), list):
         return "messages"
-    if "conversations" in rec:
+    if isinstance(rec.get("conversations"), list):
         return "sharegpt"
     if "instruction" in rec and ("output" in rec or "response" in rec):
         return "alpaca"
@@ -124,95 +97,185 @@ def detect_layout(rec: dict) -> str:
 def _text(v, where: str, name: str) -> str:
     if v is None:
         return ""
-    if not isinstance(v, str):
-        if isinstance(v, (int, float)):
-            return str(v)
-        raise UserError(f"{where}: field '{name}' must be text, got {type(v).__name__}")
-    return v
+    if isinstance(v, str):
+        return v
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return str(v)
+    if isinstance(v, list) and all(isinstance(p, dict) and "text" in p for p in v):  # OpenAI content parts
+        return "".join(str(p["text"]) for p in v)
+    raise UserError(f"{where}: field '{name}' must be text, got {type(v).__name__}")
 
 
-def to_conversation(rec: dict, layout: str, where: str, system_prompt: str | None = None) -> Conversation:
+def _turns(turns, where: str, key: str) -> Conversation:
+    msgs = []
+    for t in turns:
+        if not isinstance(t, dict):
+            raise UserError(f"{where}: every turn in '{key}' must be an object with role and content")
+        role = t.get("role", t.get("from"))
+        r = ROLE_ALIASES.get(str(role).strip().lower())
+        if r is None:
+            raise UserError(f"{where}: unknown role {role!r} in '{key}'", "use system, user or assistant (human/gpt)")
+        msgs.append({"role": r, "content": _text(t.get("content", t.get("value")), where, "content")})
+    return msgs
+
+
+def to_conversation(rec: dict, layout: str, where: str, mapping: dict[str, str]) -> Conversation:
     msgs: Conversation = []
+    if mapping.get("messages"):
+        layout = "messages"
+    elif mapping.get("question") or mapping.get("answer"):
+        layout = "question-answer"
+    if layout == "dialogue":
+        return [{"role": r, "content": c} for r, c in rec["__turns__"]]
     if layout in ("messages", "sharegpt"):
-        key = "messages" if layout == "messages" else "conversations"
-        turns = rec[key]
-        if not isinstance(turns, list):
+        key = mapping.get("messages") or ("messages" if layout == "messages" else "conversations")
+        if not isinstance(rec.get(key), list):
             raise UserError(f"{where}: '{key}' must be a list of turns")
-        for t in turns:
-            if not isinstance(t, dict):
-                raise UserError(f"{where}: every turn in '{key}' must be an object")
-            role = t.get("role", t.get("from"))
-            content = t.get("content", t.get("value"))
-            r = ROLE_ALIASES.get(str(role).lower())
-            if r is None:
-                raise UserError(f"{where}: unknown role {role!r}", "use system, user or assistant")
-            msgs.append({"role": r, "content": _text(content, where, "content")})
-        if "system" in rec and not any(m["role"] == "system" for m in msgs):
-            msgs.insert(0, {"role": "system", "content": _text(rec["system"], where, "system")})
-    elif layout == "alpaca":
+        msgs = _turns(rec[key], where, key)
+        sys_key = mapping.get("system") or _pick(rec, SYSTEM_KEYS)
+        if sys_key and rec.get(sys_key) and not any(m["role"] == "system" for m in msgs):
+            msgs.insert(0, {"role": "system", "content": _text(rec[sys_key], where, sys_key)})
+        return msgs
+    if layout == "alpaca":
         if rec.get("system"):
             msgs.append({"role": "system", "content": _text(rec["system"], where, "system")})
         for pair in rec.get("history") or []:
-            if isinstance(pair, (list, tuple)) and len(pair) == 2:
-                msgs += [{"role": "user", "content": _text(pair[0], where, "history")},
-                         {"role": "assistant", "content": _text(pair[1], where, "history")}]
+            if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+                raise UserError(f"{where}: 'history' must be a list of [question, answer] pairs")
+            msgs += [{"role": "user", "content": _text(pair[0], where, "history")},
+                     {"role": "assistant", "content": _text(pair[1], where, "history")}]
         q = _text(rec.get("instruction"), where, "instruction")
         extra = _text(rec.get("input"), where, "input")
         msgs.append({"role": "user", "content": f"{q}\n\n{extra}" if extra.strip() else q})
         out_key = "output" if "output" in rec else "response"
         msgs.append({"role": "assistant", "content": _text(rec.get(out_key), where, out_key)})
-    elif layout == "prompt-completion":
-        msgs += [{"role": "user", "content": _text(rec["prompt"], where, "prompt")},
-                 {"role": "assistant", "content": _text(rec["completion"], where, "completion")}]
-    elif layout == "question-answer":
-        qk, ak = _pick(rec, QUESTION_KEYS), _pick(rec, ANSWER_KEYS)
-        msgs += [{"role": "user", "content": _text(rec[qk], where, qk)},
-                 {"role": "assistant", "content": _text(rec[ak], where, ak)}]
-    else:
-        keys = ", ".join(map(str, rec))
-        raise UserError(
-            f"{where}: cannot tell question from answer (keys: {keys})",
-            "use question/answer, instruction/input/output, prompt/completion, or messages",
-        )
-    if system_prompt and not any(m["role"] == "system" for m in msgs):
-        msgs.insert(0, {"role": "system", "content": system_prompt})
-    return msgs
+        return msgs
+    if layout == "prompt-completion":
+        return [{"role": "user", "content": _text(rec["prompt"], where, "prompt")},
+                {"role": "assistant", "content": _text(rec["completion"], where, "completion")}]
+    if layout == "question-answer":
+        qk = mapping.get("question") or _pick(rec, QUESTION_KEYS)
+        ak = mapping.get("answer") or _pick(rec, ANSWER_KEYS)
+        if qk not in rec or ak not in rec:
+            missing = qk if qk not in rec else ak
+            raise UserError(f"{where}: no column '{missing}' in this row")
+        sk = mapping.get("system") or _pick(rec, SYSTEM_KEYS)
+        if sk and rec.get(sk):
+            msgs.append({"role": "system", "content": _text(rec[sk], where, sk)})
+        q = _text(rec[qk], where, qk)
+        ik = mapping.get("input")
+        if ik and rec.get(ik):
+            q = f"{q}\n\n{_text(rec[ik], where, ik)}"
+        msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": _text(rec[ak], where, ak)}]
+        return msgs
+    keys = ", ".join(map(str, list(rec)[:8])) + (f", ... ({len(rec)} keys)" if len(rec) > 8 else "")
+    raise UserError(f"{where}: cannot tell question from answer (keys: {keys})",
+                    "use question/answer (问题/回答), instruction/input/output, prompt/completion or messages, "
+                    "or name the columns: --columns question=COL,answer=COL")
 
 
-def load(path: str | Path, system_prompt: str | None = None) -> Dataset:
+def _check_mapping(mapping: dict[str, str], columns: list[str] | None, first: dict | None, path: Path) -> None:
+    available = columns if columns is not None else (list(first) if isinstance(first, dict) else [])
+    for field_name, col in mapping.items():
+        if available and col not in available:
+            raise UserError(f"{path}: --columns {field_name}={col}: no column '{col}'",
+                            f"columns in this file: {', '.join(map(str, available))}")
+
+
+def _tabular_mapping(columns: list[str], path: Path, mapping: dict[str, str]) -> dict[str, str]:
+    """For CSV/XLSX the columns are known up front: resolve the mapping once and report it."""
+    m = dict(mapping)
+    if "messages" in m:
+        return m
+    m.setdefault("question", _pick(columns, QUESTION_KEYS) or "")
+    m.setdefault("answer", _pick(columns, ANSWER_KEYS) or "")
+    missing = [k for k in ("question", "answer") if not m[k]]
+    if missing:
+        raise UserError(f"{path}: no {' and no '.join(missing)} column among: {', '.join(columns)}",
+                        f"name them: --columns question=COL,answer=COL (or data.columns in the recipe)")
+    sk = _pick(columns, SYSTEM_KEYS)
+    if sk and "system" not in m:
+        m["system"] = sk
+    return m
+
+
+def load(path: str | Path, system_prompt: str | None = None, columns: dict[str, str] | None = None,
+         skip_bad: bool = False) -> Dataset:
+    """Read and convert a file. Unreadable rows stop the load with every bad place listed, unless
+    skip_bad; rows with an empty question or answer are dropped and reported either way."""
     p = Path(path)
-    if not p.exists():
-        raise UserError(f"data file not found: {p}", "check the path, or pass --data FILE")
-    if p.is_dir():
-        raise UserError(f"{p} is a directory, not a data file", "pass the .jsonl/.json file itself")
-    convs, lines, skipped, layouts = [], [], [], set()
-    for line, rec in _records(p):
-        where = f"{p}:{line}"
-        if not isinstance(rec, dict):
-            raise UserError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-        layout = detect_layout(rec)
-        conv = to_conversation(rec, layout, where, system_prompt)
+    r = readers.read(p)
+    mapping = dict(columns or {})
+    first = next((rec.value for rec in r.records if isinstance(rec.value, dict)), None)
+    _check_mapping(mapping, r.columns, first, p)
+    if r.columns is not None:
+        mapping = _tabular_mapping(r.columns, p, mapping)
+    bad = [(b.where, b.reason) for b in r.bad]
+    convs, wheres, dropped, layouts = [], [], [], {}
+    for rec in r.records:
+        if not isinstance(rec.value, dict):
+            bad.append((rec.where, f"expected an object with question and answer, got {type(rec.value).__name__}"))
+            continue
+        layout = detect_layout(rec.value) if not mapping else "mapped"
+        try:
+            conv = to_conversation(rec.value, layout, rec.where, mapping)
+        except UserError as e:
+            bad.append((rec.where, e.message.split(": ", 1)[-1]))
+            continue
         if not any(m["role"] == "assistant" and m["content"].strip() for m in conv):
-            skipped.append(f"{where}: empty answer")
+            dropped.append((rec.where, "empty answer"))
             continue
         if not any(m["role"] == "user" and m["content"].strip() for m in conv):
-            skipped.append(f"{where}: empty question")
+            dropped.append((rec.where, "empty question"))
             continue
-        layouts.add(layout)
+        if conv[-1]["role"] != "assistant":
+            conv = conv[: max(i for i, m in enumerate(conv) if m["role"] == "assistant") + 1]
+        if system_prompt and not any(m["role"] == "system" for m in conv):
+            conv.insert(0, {"role": "system", "content": system_prompt})
+        layouts[layout] = layouts.get(layout, 0) + 1
         convs.append(conv)
-        lines.append(line)
+        wheres.append(rec.where)
+    if bad and not skip_bad:
+        shown = "\n".join(f"  {w}: {why}" for w, why in bad[:10])
+        more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
+        raise UserError(f"{p}: {len(bad)} unreadable row(s):\n{shown}{more}",
+                        "fix these rows, or pass --skip-bad to drop them (they are counted in the report)")
     if not convs:
-        raise UserError(f"{p}: no usable Q/A pairs ({len(skipped)} rows skipped: empty question or answer)")
-    return Dataset(p, convs, lines, "+".join(sorted(layouts)), file_sha256(p), skipped)
+        why = f"{len(dropped)} rows have an empty question or answer" if dropped else "no rows"
+        raise UserError(f"{p}: no usable Q/A pairs ({why})")
+    layout = "+".join(sorted(layouts))
+    if layout == "mapped":
+        layout = "columns " + ", ".join(f"{k}={v}" for k, v in mapping.items())
+    return Dataset(p, convs, wheres, r.format, r.encoding, layout, file_sha256(p), mapping, dropped, bad,
+                   rows_read=len(r.records) + len(r.bad), columns=r.columns)
 
 
-def split(n: int, eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Deterministic shuffled split into (train, eval) indices; eval gets at least one row if asked."""
-    idx = list(range(n))
-    random.Random(seed).shuffle(idx)
-    n_eval = round(n * eval_fraction) if eval_fraction > 0 else 0
-    if eval_fraction > 0 and n >= 2:
-        n_eval = min(max(n_eval, 1), n - 1)
-    else:
-        n_eval = 0
-    return sorted(idx[n_eval:]), sorted(idx[:n_eval])
+def question_text(conv: Conversation) -> str:
+    return "\n".join(m["content"] for m in conv if m["role"] == "user")
+
+
+def answer_text(conv: Conversation) -> str:
+    return "\n".join(m["content"] for m in conv if m["role"] == "assistant")
+
+
+def split(n: int, eval_fraction: float, seed: int, clusters: list[int] | None = None) -> tuple[list[int], list[int]]:
+    """Deterministic (train, eval) indices. With `clusters` (near-duplicate groups from dedup),
+    whole groups go to one side, so eval never holds a near copy of a training row."""
+    if eval_fraction <= 0 or n < 2:
+        return list(range(n)), []
+    target = min(max(round(n * eval_fraction), 1), n - 1)
+    groups: dict[int, list[int]] = {}
+    for i in range(n):
+        groups.setdefault(clusters[i] if clusters else i, []).append(i)
+    keys = sorted(groups)
+    random.Random(seed).shuffle(keys)
+    eval_idx: list[int] = []
+    for k in keys:
+        if len(eval_idx) >= target:
+            break
+        if len(eval_idx) + len(groups[k]) <= target or not eval_idx:
+            eval_idx.extend(groups[k])
+    eval_set = set(eval_idx)
+    if len(eval_set) >= n:  # one giant cluster: nothing left to train on
+        return list(range(n)), []
+    return [i for i in range(n) if i not in eval_set], sorted(eval_set)

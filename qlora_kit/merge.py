@@ -29,7 +29,7 @@ TOLERANCE = {"float32": 1e-3, "bfloat16": 0.25, "float16": 0.1}
 FALLBACK_PROBES = ["Hello, how are you?", "请简要回答：这是一个测试问题。", "Return JSON: {\"a\": 1}"]
 
 
-def probe_texts(run_dir: Path, tokenizer, n: int = 4) -> list[str]:
+def probe_texts(run_dir: Path, tokenizer, recipe, n: int = 4) -> list[str]:
     """A few rendered training conversations (what the model actually sees), else fixed texts."""
     from . import data as data_mod
     from .template import render
@@ -37,7 +37,7 @@ def probe_texts(run_dir: Path, tokenizer, n: int = 4) -> list[str]:
     info = rundir.read_info(run_dir)
     path = Path(info.get("data", {}).get("path", ""))
     try:
-        ds = data_mod.load(path)
+        ds = data_mod.load(path, recipe.data.system_prompt, recipe.data.columns, skip_bad=True)
         return [render(tokenizer, c) for c in ds.conversations[:n]]
     except (UserError, OSError):
         return FALLBACK_PROBES
@@ -91,7 +91,7 @@ def run(run_dir: str | Path, out: str | Path | None = None, dtype: str = "bf16",
         raise UserError(f"base model of this run not found at {base_path}",
                         "restore the base model there (the run card names it)")
     tokenizer = AutoTokenizer.from_pretrained(run_dir / rundir.TOKENIZER)
-    texts = probe_texts(run_dir, tokenizer)
+    texts = probe_texts(run_dir, tokenizer, recipe)
 
     # 1. reference: the adapter on the 4-bit base, exactly as trained
     console.print("merge: computing reference logits with the adapter on the 4-bit base")

@@ -36,6 +36,21 @@ class DataConfig(_Section):
     eval_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="share of rows held out for eval loss")
     split_seed: int = 42
     system_prompt: str | None = Field(None, description="system message added to every sample that has none")
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="explicit mapping, wins over detection: {question: ask, answer: answer}"
+    )
+    skip_bad: bool = Field(False, description="drop unreadable rows (counted) instead of stopping")
+    drop_duplicates: bool = Field(True, description="train on one copy of rows repeated exactly")
+    scrub_pii: bool = Field(False, description="redact ID/card/phone numbers, e-mails and labelled names first")
+
+    @field_validator("columns")
+    @classmethod
+    def _known_fields(cls, v):
+        allowed = ("question", "answer", "system", "input", "messages")
+        bad = [k for k in v if k not in allowed]
+        if bad:
+            raise ValueError(f"unknown field(s) {', '.join(bad)}; map any of: {', '.join(allowed)}")
+        return v
 
 
 class QuantizationConfig(_Section):

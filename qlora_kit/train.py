@@ -14,7 +14,6 @@ from pathlib import Path
 
 from rich.console import Console
 
-from . import data as data_mod
 from .errors import UserError
 from .recipe import Recipe
 from . import rundir
@@ -69,22 +68,6 @@ def sft_config(recipe: Recipe, run_dir: Path, has_eval: bool):
     )
 
 
-def _encode_all(tokenizer, convs, max_length: int, stop_ids: set[int]):
-    from .template import encode
-
-    rows, truncated, answer_cut, dropped = [], 0, 0, 0
-    for conv in convs:
-        e = encode(tokenizer, conv, max_length, stop_ids)
-        truncated += e.truncated
-        answer_cut += e.answer_cut
-        if all(lab == -100 for lab in e.labels):
-            dropped += 1  # the prompt alone fills max_length: nothing to learn from this row
-            rows.append(None)
-            continue
-        rows.append({"input_ids": e.input_ids, "labels": e.labels})
-    return rows, truncated, answer_cut, dropped
-
-
 def check_adapter(model) -> str:
     """A saved adapter must be finite and trained: LoRA B starts at zero, so all-zero B means no learning."""
     import torch
@@ -109,13 +92,15 @@ def run(recipe: Recipe, run_dir_arg: str | None = None, callbacks: list | None =
     """Train and return the run directory. `callbacks` are extra TrainerCallbacks (tests use them to
     look at the live model; nothing in qlora-kit needs them)."""
     t0 = time.time()
-    # 1. data: cheap, no torch, so bad files fail in a second
-    if not recipe.data.path:
-        raise UserError("no data file: the recipe has no data.path", "pass --data FILE")
-    ds = data_mod.load(recipe.data.path, recipe.data.system_prompt)
-    for s in ds.skipped[:5]:
-        console.print(f"[yellow]skipped[/] {s}")
-    console.print(f"data: {len(ds.conversations)} conversations from {ds.path} ({ds.layout})")
+    # 1. data: read, check, split (no model yet, so bad files fail in a second)
+    from . import datacheck
+
+    prep = datacheck.prepare(recipe)
+    rep = prep.report
+    console.print(f"data: {len(prep.conversations)} conversations from {prep.dataset.path} "
+                  f"({rep['format']}, {rep['encoding']}, {rep['layout']})")
+    for row in (rep["bad_rows"] + rep["dropped"])[:5]:
+        console.print(f"  [yellow]dropped[/] {row['where']}: {row['reason']}", highlight=False)
 
     # 2. base model (a hub id offline fails here, before anything heavy)
     from .model import has_gpu, resolve_base_model
@@ -125,37 +110,35 @@ def run(recipe: Recipe, run_dir_arg: str | None = None, callbacks: list | None =
                       "at a few tokens per second (use --base-model builtin:tiny to check the pipeline)")
     model_dir = resolve_base_model(recipe.base_model, recipe.revision, recipe.trust_remote_code)
 
-    # 3. tokenizer, template, encoding
+    # 3. tokenizer and template; answer-only labels with EOS in the loss (cached by content)
     import datasets
     import torch
-    import transformers
     from transformers import PrinterCallback
     from transformers.integrations import TensorBoardCallback
     from trl import SFTTrainer
 
-    from .model import attach_lora, compute_dtype, load_4bit, load_tokenizer, prepare_tokenizer
+    from .model import attach_lora, compute_dtype, load_4bit, load_tokenizer, prepare_tokenizer, quiet_libraries
     from .progress import RichProgress
 
-    from .model import quiet_libraries
-
     quiet_libraries()
-
     tokenizer = load_tokenizer(model_dir, recipe)
     tok_info = prepare_tokenizer(tokenizer, recipe, model_dir)
-    rows, truncated, answer_cut, dropped = _encode_all(
-        tokenizer, ds.conversations, recipe.training.max_length, set(tok_info.stop_token_ids)
-    )
-    if truncated:
-        console.print(f"[yellow]warning[/]: {truncated} samples exceed max_length={recipe.training.max_length}"
-                      f" and are cut; in {answer_cut} of them part of the answer (and its EOS) is lost"
-                      " (raise training.max_length to keep them whole)")
-    keep = [i for i, r in enumerate(rows) if r is not None]
-    if not keep:
-        raise UserError(f"{ds.path}: every sample's prompt is longer than max_length={recipe.training.max_length}",
-                        "raise training.max_length")
-    train_idx, eval_idx = data_mod.split(len(keep), recipe.data.eval_fraction, recipe.data.split_seed)
-    train_rows = [rows[keep[i]] for i in train_idx]
-    eval_rows = [rows[keep[i]] for i in eval_idx]
+    datacheck.encode(prep, recipe, tokenizer, set(tok_info.stop_token_ids))
+    for w in rep["warnings"]:
+        console.print(f"[yellow]warning[/]: {w}", highlight=False)
+
+    def rows(idx):
+        out = []
+        for i in idx:
+            e = prep.encoded[i]
+            if any(x != -100 for x in e.labels):  # a prompt that fills max_length teaches nothing
+                out.append({"input_ids": e.input_ids, "labels": e.labels})
+        return out
+
+    train_rows, eval_rows = rows(prep.train_idx), rows(prep.eval_idx)
+    if not train_rows:
+        raise UserError(f"{prep.dataset.path}: no training sample has an answer token within "
+                        f"max_length={recipe.training.max_length}", "raise training.max_length")
 
     # 4. run directory: the resolved recipe and the tokenizer first, so a crash still leaves a readable run
     run_dir = rundir.new_run_dir(recipe.output_dir, recipe.name, run_dir_arg)
@@ -171,18 +154,22 @@ def run(recipe: Recipe, run_dir_arg: str | None = None, callbacks: list | None =
         "device": torch.cuda.get_device_name(0) if has_gpu() else f"cpu ({torch.get_num_threads()} threads)",
         "compute_dtype": str(dtype).replace("torch.", ""),
         "data": {
-            "path": str(ds.path.resolve()), "sha256": ds.sha256, "layout": ds.layout,
-            "rows": len(ds.conversations) + len(ds.skipped), "skipped": len(ds.skipped), "dropped_too_long": dropped,
+            "path": str(prep.dataset.path.resolve()), "sha256": rep["sha256"], "format": rep["format"],
+            "encoding": rep["encoding"], "layout": rep["layout"], "rows": rep["rows_read"],
+            "skipped": len(rep["bad_rows"]) + len(rep["dropped"]),
+            "duplicates_dropped": rep["duplicates"].get("exact_dropped", 0),
             "train_rows": len(train_rows), "eval_rows": len(eval_rows),
-            "truncated": truncated, "answer_cut": answer_cut,
+            "truncated": rep["tokens"]["truncated"], "answer_cut": rep["tokens"]["answer_cut"],
             "train_tokens": sum(len(r["input_ids"]) for r in train_rows),
             "train_answer_tokens": sum(sum(1 for x in r["labels"] if x != -100) for r in train_rows),
+            "pii_redacted": rep.get("pii_redacted"),
         },
         "tokenizer": {"template_source": tok_info.template_source, "pad_token": tok_info.pad_token,
                       "stop_token_ids": tok_info.stop_token_ids},
         "versions": rundir.versions(),
     }
     rundir.write_json(run_dir / "run.json", info)
+    rundir.write_json(run_dir / "data_check.json", rep)  # built from redacted text when scrub_pii is on
     console.print(f"run directory: {run_dir}")
 
     try:

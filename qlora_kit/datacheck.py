@@ -1,0 +1,293 @@
+"""`qlora-kit data check`, and the same checks `train` runs before a single step.
+
+    read (readers) -> conversations (data) -> redact (pii, optional) -> duplicates (dedup)
+    -> split by duplicate cluster -> encode under the recipe's tokenizer and template (cached)
+    -> report: rows, drops with file:line, duplicates, leakage, lengths, truncation, one sample
+
+The encoding is cached by content: the conversations, the tokenizer, its chat template and
+max_length make the key, so a second check or a train after a check re-encodes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import data as data_mod
+from . import dedup
+from .errors import UserError
+from .recipe import Recipe
+
+CACHE_VERSION = 1
+PLACEHOLDER = re.compile(r"\{\{\s*\w+\s*\}\}")
+
+
+@dataclass
+class Prepared:
+    dataset: data_mod.Dataset
+    conversations: list
+    wheres: list[str]
+    train_idx: list[int]
+    eval_idx: list[int]
+    encoded: list | None  # template.Encoded per conversation, when a tokenizer was given
+    report: dict = field(default_factory=dict)
+
+
+# --- cache ----------------------------------------------------------------------------------------
+
+
+def _cache_dir() -> Path:
+    from .tiny import cache_dir
+
+    return cache_dir() / "encoded"
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update((backend.to_str() if backend is not None else repr(tokenizer.get_vocab())).encode())
+    h.update(str(tokenizer.chat_template).encode())
+    h.update(repr(sorted(tokenizer.special_tokens_map.items())).encode())
+    return h.hexdigest()
+
+
+def _encode_cached(tokenizer, convs, max_length: int, stop_ids: set[int]):
+    from .template import Encoded, encode_batch
+
+    key = hashlib.sha256(json.dumps([CACHE_VERSION, max_length, sorted(stop_ids), tokenizer_fingerprint(tokenizer), convs],
+                                    ensure_ascii=False).encode()).hexdigest()[:24]
+    path = _cache_dir() / f"{key}.npz"
+    if path.is_file():
+        try:
+            z = np.load(path, allow_pickle=False)  # plain arrays only: a cache file never runs code
+            ids, labels, offs, flags = z["ids"], z["labels"], z["offsets"], z["flags"]
+            return [Encoded(ids[a:b].tolist(), labels[a:b].tolist(), bool(f[0]), bool(f[1]))
+                    for a, b, f in zip(offs[:-1], offs[1:], flags)], True
+        except (OSError, KeyError, ValueError):
+            pass  # a damaged cache file is rebuilt
+    enc = encode_batch(tokenizer, convs, max_length, stop_ids)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lens = np.array([len(e.input_ids) for e in enc], dtype=np.int64)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
+        os.close(fd)
+        np.savez(tmp, ids=np.fromiter((t for e in enc for t in e.input_ids), dtype=np.int32, count=int(lens.sum())),
+                 labels=np.fromiter((t for e in enc for t in e.labels), dtype=np.int32, count=int(lens.sum())),
+                 offsets=np.r_[0, np.cumsum(lens)], flags=np.array([[e.truncated, e.answer_cut] for e in enc], dtype=bool).reshape(-1, 2))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # no cache (read-only disk, full disk): correct, only slower next time
+    return enc, False
+
+
+# --- the checks -----------------------------------------------------------------------------------
+
+
+def _percentiles(values) -> dict:
+    a = np.asarray(values)
+    if not len(a):
+        return {}
+    return {"min": int(a.min()), "p50": int(np.percentile(a, 50)), "p90": int(np.percentile(a, 90)),
+            "p99": int(np.percentile(a, 99)), "max": int(a.max()), "mean": round(float(a.mean()), 1)}
+
+
+def _segments(tokenizer, enc) -> list[tuple[str, bool]]:
+    """The sample as (text, carries_loss) runs, decoded from the tokens themselves."""
+    out, run, state = [], [], None
+    for tid, lab in zip(enc.input_ids, enc.labels):
+        s = lab != -100
+        if state is not None and s != state:
+            out.append((tokenizer.decode(run), state))
+            run = []
+        run.append(tid)
+        state = s
+    if run:
+        out.append((tokenizer.decode(run), state))
+    return out
+
+
+def prepare(recipe: Recipe, tokenizer=None, stop_ids: set[int] | None = None, tokenizer_note: str | None = None) -> Prepared:
+    d = recipe.data
+    if not d.path:
+        raise UserError("no data file: the recipe has no data.path", "pass --data FILE")
+    ds = data_mod.load(d.path, d.system_prompt, d.columns, d.skip_bad)
+    convs, wheres = ds.conversations, ds.wheres
+    warnings: list[str] = []
+    report: dict = {
+        "file": str(ds.path), "format": ds.format, "encoding": ds.encoding, "layout": ds.layout,
+        "sha256": ds.sha256, "rows_read": ds.rows_read,
+        "bad_rows": [{"where": w, "reason": r} for w, r in ds.bad],
+        "dropped": [{"where": w, "reason": r} for w, r in ds.dropped],
+    }
+    if ds.bad:
+        warnings.append(f"{len(ds.bad)} unreadable rows skipped (--skip-bad)")
+    if ds.dropped:
+        warnings.append(f"{len(ds.dropped)} rows dropped: empty question or answer")
+
+    if d.scrub_pii:
+        from . import pii
+
+        convs, counts = pii.scrub_conversations(convs)
+        report["pii_redacted"] = dict(counts)
+
+    questions = [data_mod.question_text(c) for c in convs]
+    answers = [data_mod.answer_text(c) for c in convs]
+    dups = dedup.find(questions, answers)
+    report["duplicates"] = {
+        "exact": len(dups.exact),
+        "near": len(dups.near),
+        "exact_examples": [{"row": wheres[i], "repeats": wheres[j]} for i, j in dups.exact[:5]],
+        "near_examples": [{"row": wheres[i], "like": wheres[j], "question": questions[i][:80]} for i, j in dups.near[:5]],
+    }
+    clusters = dups.cluster
+    if d.drop_duplicates and dups.exact:
+        gone = {i for i, _ in dups.exact}
+        keep = [i for i in range(len(convs)) if i not in gone]
+        convs, wheres, questions = [convs[i] for i in keep], [wheres[i] for i in keep], [questions[i] for i in keep]
+        clusters = [clusters[i] for i in keep]
+        report["duplicates"]["exact_dropped"] = len(gone)
+    if dups.near:
+        warnings.append(f"{len(dups.near)} near-duplicate rows (same question after normalising, or >= 80% similar); "
+                        "kept, but never split across train and eval")
+    # "无" / "none" in the question column usually means the question is in another column
+    empty_like = [wheres[i] for i, q in enumerate(questions) if len(dedup.normalize(q)) <= 1 or
+                  dedup.normalize(q) in ("无", "没有", "暂无", "空", "none", "null", "na", "nan")]
+    if empty_like:
+        cols = f" (columns: {', '.join(ds.columns)})" if ds.columns else ""
+        warnings.append(f"{len(empty_like)} questions are empty-looking such as '无' (e.g. {empty_like[0]}); "
+                        f"the question may be in another column{cols}: map it with --columns question=COL")
+        report["empty_like_questions"] = len(empty_like)
+    placeholders = sum(1 for c in convs if any(PLACEHOLDER.search(m["content"]) for m in c))
+    if placeholders:
+        warnings.append(f"{placeholders} rows contain template placeholders such as {{{{name}}}}: fill them in first")
+        report["placeholder_rows"] = placeholders
+
+    # A row-level random split (what most tools do) vs. qlora-kit's split by duplicate cluster.
+    n = len(convs)
+    naive_tr, naive_ev = data_mod.split(n, d.eval_fraction, d.split_seed)
+    in_train = {clusters[i] for i in naive_tr}
+    naive_leak = sum(1 for i in naive_ev if clusters[i] in in_train)
+    train_idx, eval_idx = data_mod.split(n, d.eval_fraction, d.split_seed, clusters)
+    train_clusters = {clusters[i] for i in train_idx}
+    leak = sum(1 for i in eval_idx if clusters[i] in train_clusters)
+    assert leak == 0, "cluster split leaked"
+    report["split"] = {"train": len(train_idx), "eval": len(eval_idx), "eval_fraction": d.eval_fraction,
+                       "leakage": leak, "leakage_with_row_split": naive_leak}
+    report["chars"] = {"question": _percentiles([len(q) for q in questions]),
+                       "answer": _percentiles([len(data_mod.answer_text(c)) for c in convs])}
+
+    report["tokens"] = {"skipped": tokenizer_note or "no tokenizer"}
+    report["warnings"] = warnings
+    prep = Prepared(ds, convs, wheres, train_idx, eval_idx, None, report)
+    if tokenizer is not None:
+        encode(prep, recipe, tokenizer, stop_ids)
+    return prep
+
+
+def encode(prep: Prepared, recipe: Recipe, tokenizer, stop_ids: set[int] | None = None) -> None:
+    """Tokenize under the recipe's template and add length, truncation and a loss-marked sample."""
+    report, warnings, wheres, train_idx = prep.report, prep.report["warnings"], prep.wheres, prep.train_idx
+    max_length = recipe.training.max_length
+    encoded, cached = _encode_cached(tokenizer, prep.conversations, max_length, stop_ids or {tokenizer.eos_token_id})
+    prep.encoded = encoded
+    lengths = [len(e.input_ids) for e in encoded]
+    truncated = sum(e.truncated for e in encoded)
+    cut = sum(e.answer_cut for e in encoded)
+    no_answer = [wheres[i] for i, e in enumerate(encoded) if all(x == -100 for x in e.labels)]
+    report["tokens"] = {
+        "tokenizer": getattr(tokenizer, "name_or_path", "?"), "max_length": max_length, "cached": cached,
+        "length": _percentiles(lengths), "answer_tokens": _percentiles([sum(x != -100 for x in e.labels) for e in encoded]),
+        "truncated": truncated, "answer_cut": cut, "prompt_fills_max_length": len(no_answer),
+    }
+    if truncated:
+        warnings.append(f"{truncated} samples are longer than max_length={max_length} and will be cut; "
+                        f"in {cut} of them part of the answer (and its EOS) is lost: raise training.max_length")
+    if no_answer:
+        warnings.append(f"{len(no_answer)} samples have no answer token left within max_length "
+                        f"(e.g. {no_answer[0]}); they are not trained on")
+    first = train_idx[0] if train_idx else 0
+    report["sample"] = {"where": wheres[first], "segments": _segments(tokenizer, encoded[first])}
+
+
+
+# --- presentation ---------------------------------------------------------------------------------
+
+
+def render(report: dict, console) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    t = Table(title=f"data check: {report['file']}", show_header=False, title_justify="left")
+    t.add_column("what", style="bold")
+    t.add_column("value", overflow="fold")
+    t.add_row("format / encoding", f"{report['format']} / {report['encoding']}")
+    t.add_row("layout", report["layout"])
+    t.add_row("rows read", str(report["rows_read"]))
+    t.add_row("unreadable rows skipped", str(len(report["bad_rows"])))
+    t.add_row("dropped (empty Q or A)", str(len(report["dropped"])))
+    du = report["duplicates"]
+    t.add_row("exact duplicates", f"{du['exact']}" + (f" ({du.get('exact_dropped', 0)} dropped)" if du.get("exact_dropped") else ""))
+    t.add_row("near duplicates", str(du["near"]))
+    sp = report["split"]
+    t.add_row("train / eval", f"{sp['train']} / {sp['eval']}")
+    t.add_row("train/eval leakage", f"{sp['leakage']} (a plain row split would leak {sp['leakage_with_row_split']})")
+    if "pii_redacted" in report:
+        t.add_row("personal data redacted", ", ".join(f"{k} {v}" for k, v in report["pii_redacted"].items()) or "none found")
+    tok = report["tokens"]
+    if "skipped" in tok:
+        t.add_row("token lengths", f"skipped: {tok['skipped']}")
+        ch = report["chars"]
+        t.add_row("characters (question / answer)", f"p50 {ch['question'].get('p50')} / {ch['answer'].get('p50')}, "
+                  f"max {ch['question'].get('max')} / {ch['answer'].get('max')}")
+    else:
+        L = tok["length"]
+        t.add_row("tokenizer", f"{tok['tokenizer']}" + (" (cached)" if tok["cached"] else ""))
+        t.add_row("tokens per sample", f"min {L['min']} · p50 {L['p50']} · p90 {L['p90']} · p99 {L['p99']} · max {L['max']}")
+        t.add_row(f"longer than max_length {tok['max_length']}", f"{tok['truncated']} (answer cut in {tok['answer_cut']})")
+    console.print(t)
+    for key, title in (("bad_rows", "unreadable"), ("dropped", "dropped")):
+        for row in report[key][:10]:
+            console.print(f"  [yellow]{title}[/] {row['where']}: {row['reason']}", highlight=False)
+        if len(report[key]) > 10:
+            console.print(f"  ... and {len(report[key]) - 10} more")
+    for ex in du["near_examples"][:3]:
+        console.print(f"  [cyan]near duplicate[/] {ex['row']} ~ {ex['like']}: {ex['question']}", highlight=False)
+    for w in report["warnings"]:
+        console.print(f"[yellow]warning[/]: {w}", highlight=False)
+    if "sample" in report:
+        console.print(f"\nsample {report['sample']['where']} ([green]green[/] carries loss):")
+        text = Text()
+        for seg, loss in report["sample"]["segments"]:
+            text.append(seg, style="bold green" if loss else "dim")
+        console.print(text)
+
+
+def load_tokenizer_for_check(recipe: Recipe):
+    """The recipe's tokenizer without downloading weights; (tokenizer, stop_ids, note)."""
+    from .model import load_tokenizer, prepare_tokenizer, quiet_libraries, resolve_base_model
+
+    quiet_libraries()
+    spec = recipe.base_model
+    try:
+        if spec.startswith("builtin:") or Path(spec).expanduser().exists():
+            model_dir = resolve_base_model(spec)
+        else:
+            from huggingface_hub import snapshot_download
+
+            model_dir = snapshot_download(spec, revision=recipe.revision,
+                                          allow_patterns=["tokenizer*", "*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken"],
+                                          ignore_patterns=["*.safetensors*", "*.bin*"])
+        tok = load_tokenizer(model_dir, recipe)
+        info = prepare_tokenizer(tok, recipe, model_dir)
+        return tok, set(info.stop_token_ids), None
+    except UserError as e:
+        return None, None, f"tokenizer of {spec} unavailable ({e.message.split(';')[0]}); pass --base-model DIR"
+    except Exception as e:  # offline hub, gated repo, ...
+        return None, None, f"tokenizer of {spec} unavailable ({type(e).__name__}); pass --base-model DIR"
