@@ -267,6 +267,11 @@ def split(n: int, eval_fraction: float, seed: int, clusters: list[int] | None = 
     groups: dict[int, list[int]] = {}
     for i in range(n):
         groups.setdefault(clusters[i] if clusters else i, []).append(i)
+    # A group bigger than the whole eval set (templated data: everything looks alike) cannot be
+    # kept on one side without emptying eval; its rows are split one by one and the leak reported.
+    for k in [k for k, g in groups.items() if len(g) > target]:
+        for i in groups.pop(k):
+            groups[-1 - i] = [i]
     keys = sorted(groups)
     random.Random(seed).shuffle(keys)
     eval_idx: list[int] = []

@@ -31,8 +31,8 @@ PLACEHOLDER = re.compile(r"\{\{\s*\w+\s*\}\}")
 
 @dataclass
 class Prepared:
-    dataset: data_mod.Dataset
-    conversations: list
+    key: str  # content hash of the file + the recipe's data settings
+    conversations: list | None  # None when the checks came from the cache (loaded only if needed)
     wheres: list[str]
     train_idx: list[int]
     eval_idx: list[int]
@@ -58,11 +58,37 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()
 
 
-def _encode_cached(tokenizer, convs, max_length: int, stop_ids: set[int]):
+def data_key(recipe: Recipe) -> str:
+    """The file's bytes and every data setting (mapping, redaction, dedup, split): same key, same checks."""
+    d = recipe.data
+    sha = data_mod.file_sha256(Path(d.path)) if Path(d.path).is_file() else "missing"
+    return hashlib.sha256(json.dumps([CACHE_VERSION, sha, d.model_dump(mode="json")], ensure_ascii=False,
+                                     sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _read_cached_checks(key: str) -> dict | None:
+    path = _cache_dir() / f"{key}.checks.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _write_cached_checks(key: str, obj: dict) -> None:
+    try:
+        from .rundir import write_atomic
+
+        write_atomic(_cache_dir() / f"{key}.checks.json", json.dumps(obj, ensure_ascii=False))
+    except OSError:
+        pass
+
+
+def _encode_cached(tokenizer, prep: "Prepared", recipe: Recipe, stop_ids: set[int]):
     from .template import Encoded, encode_batch
 
-    key = hashlib.sha256(json.dumps([CACHE_VERSION, max_length, sorted(stop_ids), tokenizer_fingerprint(tokenizer), convs],
-                                    ensure_ascii=False).encode()).hexdigest()[:24]
+    max_length = recipe.training.max_length
+    key = hashlib.sha256(json.dumps([prep.key, max_length, sorted(stop_ids), tokenizer_fingerprint(tokenizer)]
+                                    ).encode()).hexdigest()[:24]
     path = _cache_dir() / f"{key}.npz"
     if path.is_file():
         try:
@@ -72,14 +98,16 @@ def _encode_cached(tokenizer, convs, max_length: int, stop_ids: set[int]):
                     for a, b, f in zip(offs[:-1], offs[1:], flags)], True
         except (OSError, KeyError, ValueError):
             pass  # a damaged cache file is rebuilt
-    enc = encode_batch(tokenizer, convs, max_length, stop_ids)
+    if prep.conversations is None:  # checks came from the cache but this tokenizer is new
+        prep.conversations = _check(recipe, prep.key).conversations
+    enc = encode_batch(tokenizer, prep.conversations, max_length, stop_ids)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         lens = np.array([len(e.input_ids) for e in enc], dtype=np.int64)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
         os.close(fd)
-        np.savez(tmp, ids=np.fromiter((t for e in enc for t in e.input_ids), dtype=np.int32, count=int(lens.sum())),
-                 labels=np.fromiter((t for e in enc for t in e.labels), dtype=np.int32, count=int(lens.sum())),
+        np.savez(tmp, ids=np.array([t for e in enc for t in e.input_ids], dtype=np.int32),
+                 labels=np.array([t for e in enc for t in e.labels], dtype=np.int32),
                  offsets=np.r_[0, np.cumsum(lens)], flags=np.array([[e.truncated, e.answer_cut] for e in enc], dtype=bool).reshape(-1, 2))
         os.replace(tmp, path)
     except OSError:
@@ -114,9 +142,30 @@ def _segments(tokenizer, enc) -> list[tuple[str, bool]]:
 
 
 def prepare(recipe: Recipe, tokenizer=None, stop_ids: set[int] | None = None, tokenizer_note: str | None = None) -> Prepared:
-    d = recipe.data
-    if not d.path:
+    """All checks; from the cache when the file and the data settings are unchanged."""
+    if not recipe.data.path:
         raise UserError("no data file: the recipe has no data.path", "pass --data FILE")
+    if not Path(recipe.data.path).exists():
+        data_mod.load(recipe.data.path)  # raises the usual "not found" message
+    key = data_key(recipe)
+    hit = _read_cached_checks(key)
+    if hit is not None:
+        prep = Prepared(key, None, hit["wheres"], hit["train_idx"], hit["eval_idx"], None, hit["report"])
+        prep.report["checks_cached"] = True
+    else:
+        prep = _check(recipe, key)
+        _write_cached_checks(key, {"report": prep.report, "wheres": prep.wheres,
+                                   "train_idx": prep.train_idx, "eval_idx": prep.eval_idx})
+        prep.report = json.loads(json.dumps(prep.report))  # what a cache hit would return, exactly
+        prep.report["checks_cached"] = False
+    prep.report["tokens"] = {"skipped": tokenizer_note or "no tokenizer"}
+    if tokenizer is not None:
+        encode(prep, recipe, tokenizer, stop_ids)
+    return prep
+
+
+def _check(recipe: Recipe, key: str) -> Prepared:
+    d = recipe.data
     ds = data_mod.load(d.path, d.system_prompt, d.columns, d.skip_bad)
     convs, wheres = ds.conversations, ds.wheres
     warnings: list[str] = []
@@ -157,8 +206,8 @@ def prepare(recipe: Recipe, tokenizer=None, stop_ids: set[int] | None = None, to
         warnings.append(f"{len(dups.near)} near-duplicate rows (same question after normalising, or >= 80% similar); "
                         "kept, but never split across train and eval")
     # "无" / "none" in the question column usually means the question is in another column
-    empty_like = [wheres[i] for i, q in enumerate(questions) if len(dedup.normalize(q)) <= 1 or
-                  dedup.normalize(q) in ("无", "没有", "暂无", "空", "none", "null", "na", "nan")]
+    empty_words = {"无", "没有", "暂无", "空", "none", "null", "n/a", "na", "nan", "-"}
+    empty_like = [wheres[i] for i, q in enumerate(questions) if len(q.strip()) <= 1 or q.strip().lower() in empty_words]
     if empty_like:
         cols = f" (columns: {', '.join(ds.columns)})" if ds.columns else ""
         warnings.append(f"{len(empty_like)} questions are empty-looking such as '无' (e.g. {empty_like[0]}); "
@@ -177,33 +226,32 @@ def prepare(recipe: Recipe, tokenizer=None, stop_ids: set[int] | None = None, to
     train_idx, eval_idx = data_mod.split(n, d.eval_fraction, d.split_seed, clusters)
     train_clusters = {clusters[i] for i in train_idx}
     leak = sum(1 for i in eval_idx if clusters[i] in train_clusters)
-    assert leak == 0, "cluster split leaked"
+    if leak:
+        warnings.append(f"{leak} eval rows have a near duplicate in train: a near-duplicate group is larger than the "
+                        "eval set (templated data?), so eval loss will look better than it is")
     report["split"] = {"train": len(train_idx), "eval": len(eval_idx), "eval_fraction": d.eval_fraction,
                        "leakage": leak, "leakage_with_row_split": naive_leak}
     report["chars"] = {"question": _percentiles([len(q) for q in questions]),
                        "answer": _percentiles([len(data_mod.answer_text(c)) for c in convs])}
 
-    report["tokens"] = {"skipped": tokenizer_note or "no tokenizer"}
     report["warnings"] = warnings
-    prep = Prepared(ds, convs, wheres, train_idx, eval_idx, None, report)
-    if tokenizer is not None:
-        encode(prep, recipe, tokenizer, stop_ids)
-    return prep
+    return Prepared(key, convs, wheres, train_idx, eval_idx, None, report)
 
 
 def encode(prep: Prepared, recipe: Recipe, tokenizer, stop_ids: set[int] | None = None) -> None:
     """Tokenize under the recipe's template and add length, truncation and a loss-marked sample."""
     report, warnings, wheres, train_idx = prep.report, prep.report["warnings"], prep.wheres, prep.train_idx
     max_length = recipe.training.max_length
-    encoded, cached = _encode_cached(tokenizer, prep.conversations, max_length, stop_ids or {tokenizer.eos_token_id})
+    encoded, cached = _encode_cached(tokenizer, prep, recipe, stop_ids or {tokenizer.eos_token_id})
     prep.encoded = encoded
     lengths = [len(e.input_ids) for e in encoded]
     truncated = sum(e.truncated for e in encoded)
     cut = sum(e.answer_cut for e in encoded)
-    no_answer = [wheres[i] for i, e in enumerate(encoded) if all(x == -100 for x in e.labels)]
+    answer_tokens = [len(e.labels) - e.labels.count(-100) for e in encoded]
+    no_answer = [wheres[i] for i, k in enumerate(answer_tokens) if k == 0]
     report["tokens"] = {
         "tokenizer": getattr(tokenizer, "name_or_path", "?"), "max_length": max_length, "cached": cached,
-        "length": _percentiles(lengths), "answer_tokens": _percentiles([sum(x != -100 for x in e.labels) for e in encoded]),
+        "length": _percentiles(lengths), "answer_tokens": _percentiles(answer_tokens),
         "truncated": truncated, "answer_cut": cut, "prompt_fills_max_length": len(no_answer),
     }
     if truncated:

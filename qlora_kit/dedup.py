@@ -98,7 +98,7 @@ def find(questions: list[str], answers: list[str]) -> Duplicates:
             seen_q.setdefault(nq[i], i)
     exact_rows = {i for i, _ in d.exact}
     near_rows = {i for i, _ in d.near}
-    sig = minhash([q + "\u241e" + normalize(a) for q, a in zip(nq, answers)])
+    sig = minhash([q + "\u241e" + normalize(a) for q, a in zip(nq, answers)])  # question and answer
     rows = np.arange(n)
     for band in range(BANDS):
         cols = np.ascontiguousarray(sig[:, band * ROWS:(band + 1) * ROWS])

@@ -91,12 +91,14 @@ def _json_stream(text: str, path: Path) -> tuple[list[Record], list[Bad]]:
     dec = json.JSONDecoder()
     records, bad = [], []
     pos, n = 0, len(text)
+    line, counted = 1, 0  # line numbers counted incrementally: a count from 0 per record is quadratic
     ws = re.compile(r"[\s,]*")
     while True:
         pos = ws.match(text, pos).end()
         if pos >= n:
             break
-        line = text.count("\n", 0, pos) + 1
+        line += text.count("\n", counted, pos)
+        counted = pos
         try:
             value, end = dec.raw_decode(text, pos)
         except json.JSONDecodeError as e:
@@ -143,10 +145,13 @@ def _is_registry(value: dict) -> bool:
 def _array_element_lines(text: str, n: int) -> list[int]:
     dec = json.JSONDecoder()
     out, pos = [], text.index("[") + 1
+    line, counted = 1, 0
     ws = re.compile(r"[\s,]*")
     for _ in range(n):
         pos = ws.match(text, pos).end()
-        out.append(text.count("\n", 0, pos) + 1)
+        line += text.count("\n", counted, pos)
+        counted = pos
+        out.append(line)
         _, pos = dec.raw_decode(text, pos)
     return out
 

@@ -97,7 +97,7 @@ def run(recipe: Recipe, run_dir_arg: str | None = None, callbacks: list | None =
 
     prep = datacheck.prepare(recipe)
     rep = prep.report
-    console.print(f"data: {len(prep.conversations)} conversations from {prep.dataset.path} "
+    console.print(f"data: {rep['split']['train'] + rep['split']['eval']} conversations from {rep['file']} "
                   f"({rep['format']}, {rep['encoding']}, {rep['layout']})")
     for row in (rep["bad_rows"] + rep["dropped"])[:5]:
         console.print(f"  [yellow]dropped[/] {row['where']}: {row['reason']}", highlight=False)
@@ -137,7 +137,7 @@ def run(recipe: Recipe, run_dir_arg: str | None = None, callbacks: list | None =
 
     train_rows, eval_rows = rows(prep.train_idx), rows(prep.eval_idx)
     if not train_rows:
-        raise UserError(f"{prep.dataset.path}: no training sample has an answer token within "
+        raise UserError(f"{rep['file']}: no training sample has an answer token within "
                         f"max_length={recipe.training.max_length}", "raise training.max_length")
 
     # 4. run directory: the resolved recipe and the tokenizer first, so a crash still leaves a readable run
@@ -154,7 +154,7 @@ def run(recipe: Recipe, run_dir_arg: str | None = None, callbacks: list | None =
         "device": torch.cuda.get_device_name(0) if has_gpu() else f"cpu ({torch.get_num_threads()} threads)",
         "compute_dtype": str(dtype).replace("torch.", ""),
         "data": {
-            "path": str(prep.dataset.path.resolve()), "sha256": rep["sha256"], "format": rep["format"],
+            "path": str(Path(rep["file"]).resolve()), "sha256": rep["sha256"], "format": rep["format"],
             "encoding": rep["encoding"], "layout": rep["layout"], "rows": rep["rows_read"],
             "skipped": len(rep["bad_rows"]) + len(rep["dropped"]),
             "duplicates_dropped": rep["duplicates"].get("exact_dropped", 0),

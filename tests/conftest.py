@@ -51,10 +51,23 @@ def stories_dir() -> Path:
     return STORIES
 
 
-def write_qa(path: Path, n: int = 24, template: str = "第{i}题：试用期最长多久？", answer: str = "依据《劳动合同法》第十九条，第{i}题的答案是六个月。") -> Path:
+TOPICS = ["试用期", "加班费", "年休假", "工伤认定", "竞业限制", "经济补偿", "押金退还", "借款利息", "定金罚则",
+          "离婚财产", "遗嘱效力", "交通事故", "网购退货", "房屋租赁", "劳务派遣", "社保缴纳", "产假工资", "解除合同",
+          "拖欠工资", "医疗期", "培训违约金", "保密义务", "调岗降薪", "诉讼时效", "仲裁时效", "物业纠纷", "装修质量",
+          "继承顺序", "抚养费", "彩礼返还"]
+
+
+def write_qa(path: Path, n: int = 24, template: str | None = None, answer: str | None = None) -> Path:
+    """n distinct legal-style pairs (distinct enough that the near-duplicate check keeps them apart)."""
+    import random
+
+    rng = random.Random(n)
     with open(path, "w", encoding="utf-8") as f:
         for i in range(n):
-            f.write(json.dumps({"question": template.format(i=i), "answer": answer.format(i=i)}, ensure_ascii=False) + "\n")
+            t = TOPICS[i % len(TOPICS)]
+            q = template.format(i=i) if template else f"{t}的问题：{''.join(rng.sample(TOPICS[:20], 2))}怎么处理？"
+            a = answer.format(i=i) if answer else f"依据《劳动合同法》第{i + 10}条，{t}应当{rng.choice(['协商', '仲裁', '起诉'])}解决。"
+            f.write(json.dumps({"question": q, "answer": a}, ensure_ascii=False) + "\n")
     return path
 
 

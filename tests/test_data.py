@@ -192,11 +192,15 @@ def test_bad_files_get_one_clear_message(tmp_path, name, content, needle):
 
 
 def test_duplicates_exact_near_and_cluster_split():
-    qs = [f"第{i}个问题：合同纠纷怎么处理比较好呢？" for i in range(40)]
-    ans = [f"答案{i}：先协商，协商不成可以起诉，注意诉讼时效为三年。" for i in range(40)]
+    import random
+
+    rng = random.Random(0)
+    words = "合同纠纷租赁押金工资加班年假工伤借款利息定金违约继承遗嘱离婚抚养交通事故保险理赔"
+    qs = [f"{''.join(rng.sample(words, 12))}怎么处理？" for i in range(40)]
+    ans = [f"{''.join(rng.sample(words, 16))}，注意诉讼时效。" for i in range(40)]
     qs[10], ans[10] = qs[3], ans[3]  # exact copy
     qs[11], ans[11] = qs[4] + "  ", "完全不同的回答"  # same question, different answer
-    qs[12], ans[12] = qs[5].replace("比较好", "比较好些"), ans[5]  # a near copy
+    qs[12], ans[12] = qs[5][:-1] + "呢？", ans[5]  # a near copy
     d = dedup.find(qs, ans)
     assert d.exact == [(10, 3)]
     near = dict(d.near)

@@ -31,8 +31,10 @@ def _tok(model_dir):
 
 def test_report_counts_and_cache(tiny_dir, tmp_path):
     p = write_qa(tmp_path / "qa.jsonl", n=30)
+    first = p.read_text(encoding="utf-8").splitlines()[0]
+    answer0 = json.loads(first)["answer"]
     with open(p, "a", encoding="utf-8") as f:
-        f.write(json.dumps({"question": "第0题：试用期最长多久？", "answer": "依据《劳动合同法》第十九条，第0题的答案是六个月。"}, ensure_ascii=False) + "\n")
+        f.write(first + "\n")  # an exact duplicate of row 1
         f.write(json.dumps({"question": "空答案", "answer": " "}, ensure_ascii=False) + "\n")
     rec = make_recipe(str(tiny_dir), p)
     tok, stop = _tok(tiny_dir)
@@ -45,7 +47,11 @@ def test_report_counts_and_cache(tiny_dir, tmp_path):
     assert r["split"]["train"] + r["split"]["eval"] == 30 and r["split"]["leakage"] == 0
     assert r["tokens"]["cached"] is False and r["tokens"]["truncated"] == 0
     loss_text = "".join(t for t, loss in r["sample"]["segments"] if loss)
-    assert "答案是六个月" in loss_text and "试用期" not in loss_text and tok.eos_token in loss_text
+    sample_where = r["sample"]["where"]
+    line = int(sample_where.rsplit(":", 1)[1])
+    row = json.loads(p.read_text(encoding="utf-8").splitlines()[line - 1])
+    assert row["answer"] in loss_text.replace(" ", "") and row["question"] not in loss_text
+    assert tok.eos_token in loss_text and answer0
     again = datacheck.prepare(rec, tok, stop)
     assert again.report["tokens"]["cached"] is True
     assert [(e.input_ids, e.labels) for e in again.encoded] == [(e.input_ids, e.labels) for e in prep.encoded]
@@ -131,3 +137,17 @@ def test_train_with_scrub_leaks_nothing_into_the_run_dir(tiny_dir, tmp_path):
             blob = f.read_bytes()
             for v in PII.values():
                 assert v.encode() not in blob, (f, v)
+
+
+def test_synth_command_is_deterministic_and_trainable(tmp_path, cache):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    for out in (a, b):
+        r = cli(["data", "synth", "finance", "-n", "200", "-o", str(out), "--seed", "3"], cache)
+        assert r.returncode == 0, r.stderr
+    assert a.read_bytes() == b.read_bytes()
+    rows = [json.loads(line) for line in a.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 200 and all(isinstance(json.loads(r["answer"]), dict) for r in rows)
+    r = cli(["data", "check", str(a), "--recipe", "finance", "--base-model", "builtin:tiny", "--json"], cache)
+    assert r.returncode == 0 and json.loads(r.stdout)["rows_read"] == 200
+    r = cli(["data", "synth", "poetry", "-o", str(a)], cache)
+    assert r.returncode == 2 and "available: finance" in r.stderr
