@@ -251,10 +251,47 @@ def target_modules_spec(model: nn.Module, target) -> str | list[str]:
     return r"^(?:.*\.)?(?:" + "|".join(re.escape(t) for t in tails) + r")$"
 
 
-def lora_config(recipe: Recipe, model: nn.Module):
+# Embedding matrices up to this size are trained whole when the EOS row looks untrained
+# (stories260K: 33k params); above it (a 7B model's 545M) that would cost gigabytes, so only a warning.
+AUTO_EMBEDDING_LIMIT = 64_000_000
+
+
+def untrained_eos(model: nn.Module, eos_id: int | None) -> int:
+    """How many embedding rows are near-copies (cosine > 0.99) of the EOS row. A trained EOS has
+    none; a never-trained one sits in a cluster with the other untouched rows (byte tokens, unk)."""
+    if eos_id is None:
+        return 0
+    w = model.get_input_embeddings().weight.detach().float()
+    if eos_id >= w.shape[0]:
+        return 0
+    w = torch.nn.functional.normalize(w, dim=-1)
+    return int(((w @ w[eos_id]) > 0.99).sum()) - 1
+
+
+def embedding_modules(recipe: Recipe, model: nn.Module, eos_id: int | None = None) -> tuple[list[str], str]:
+    """(modules_to_save, reason): the embedding (and an untied output head) when they must be trained."""
+    choice = recipe.lora.trainable_embeddings
+    names = {m: n.rsplit(".", 1)[-1] for n, m in model.named_modules()}
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    n_params = emb.weight.numel()
+    cluster = untrained_eos(model, eos_id) if choice == "auto" else 0
+    if choice is True or (choice == "auto" and cluster >= 8 and n_params <= AUTO_EMBEDDING_LIMIT):
+        mods = [names[emb]]
+        if head is not None and head.weight is not emb.weight:
+            mods.append(names[head])
+        why = "requested" if choice is True else f"EOS embedding untrained ({cluster} near-identical rows)"
+        return mods, why
+    if choice == "auto" and cluster >= 8:
+        return [], (f"EOS embedding looks untrained ({cluster} near-identical rows) but the embedding has "
+                    f"{n_params / 1e6:.0f}M parameters; set lora.trainable_embeddings: true to train it")
+    return [], ""
+
+
+def lora_config(recipe: Recipe, model: nn.Module, eos_id: int | None = None):
     from peft import LoraConfig
 
     lo = recipe.lora
+    modules_to_save, _ = embedding_modules(recipe, model, eos_id)
     return LoraConfig(
         r=lo.r,
         lora_alpha=lo.lora_alpha,
@@ -262,14 +299,17 @@ def lora_config(recipe: Recipe, model: nn.Module):
         target_modules=target_modules_spec(model, lo.target_modules),
         bias=lo.bias,
         task_type="CAUSAL_LM",
+        modules_to_save=modules_to_save or None,
+        # a tied output head must stay the same tensor as the trained embedding copy
+        ensure_weight_tying=bool(modules_to_save) and bool(getattr(model.config, "tie_word_embeddings", False)),
     )
 
 
-def attach_lora(model, recipe: Recipe):
+def attach_lora(model, recipe: Recipe, eos_id: int | None = None):
     from peft import get_peft_model
 
     # Gradient checkpointing is switched on by the Trainer (SFTConfig.gradient_checkpointing).
     # Deliberately not `prepare_model_for_kbit_training`: it upcasts embeddings and lm_head to fp32,
     # which doubles their memory and makes the logits fp32 (DESIGN.md section 4).
-    peft_model = get_peft_model(model, lora_config(recipe, model))
+    peft_model = get_peft_model(model, lora_config(recipe, model, eos_id))
     return peft_model

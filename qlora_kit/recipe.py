@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UserError
 
@@ -72,6 +72,9 @@ class LoraSettings(_Section):
     # "all-linear": every linear layer but the output head. Or an explicit list of module names.
     target_modules: Literal["attention", "all-linear"] | list[str] = "attention"
     bias: Literal["none", "all", "lora_only"] = "none"
+    # Base models whose EOS (or other needed tokens) never got a trained embedding cannot learn to
+    # stop through LoRA alone. "auto": train the (small) embedding matrix when that is detected.
+    trainable_embeddings: bool | Literal["auto"] = "auto"
 
     @field_validator("target_modules")
     @classmethod
@@ -96,10 +99,27 @@ class TrainingConfig(_Section):
     optim: Literal["paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw_torch"] = "paged_adamw_8bit"
     gradient_checkpointing: bool = True
     logging_steps: int = Field(5, ge=1)
-    eval_steps: int = Field(20, ge=1)
+    eval_steps: int = Field(25, ge=1)
     save_steps: int = Field(50, ge=1)
     save_total_limit: int = Field(2, ge=1)
+    load_best_model_at_end: bool = Field(True, description="the adapter saved is the checkpoint with the lowest eval loss")
+    early_stopping_patience: int = Field(3, ge=0, description="stop after N evaluations without improvement; 0: never")
     seed: int = 42
+
+    @model_validator(mode="after")
+    def _best_needs_aligned_saves(self):
+        if self.load_best_model_at_end and self.save_steps % self.eval_steps:
+            raise ValueError(f"save_steps ({self.save_steps}) must be a multiple of eval_steps ({self.eval_steps}) "
+                             "to keep the best checkpoint; or set load_best_model_at_end: false")
+        return self
+
+
+class EvaluationConfig(_Section):
+    task: Literal["generic", "legal", "finance", "medical", "industrial"] = Field(
+        "generic", description="which domain metrics `qlora-kit eval` adds to the generic ones")
+    glossary: list[str] = Field(default_factory=list, description="terms an answer should use (medical, industrial)")
+    max_new_tokens: int = Field(256, ge=1)
+    limit: int | None = Field(None, ge=1, description="evaluate at most this many held-out samples")
 
 
 class Recipe(_Section):
@@ -116,6 +136,7 @@ class Recipe(_Section):
     quantization: QuantizationConfig = QuantizationConfig()
     lora: LoraSettings = LoraSettings()
     training: TrainingConfig = TrainingConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

@@ -50,6 +50,10 @@ def sft_config(recipe: Recipe, run_dir: Path, has_eval: bool):
         logging_steps=t.logging_steps,
         logging_first_step=True,
         eval_strategy="steps" if has_eval else "no",
+        # small data: keep the checkpoint with the lowest eval loss, not the last one
+        load_best_model_at_end=has_eval and t.load_best_model_at_end,
+        metric_for_best_model="eval_loss" if has_eval else None,
+        greater_is_better=False,
         eval_steps=t.eval_steps,
         save_strategy="steps",
         save_steps=t.save_steps,
@@ -66,6 +70,23 @@ def sft_config(recipe: Recipe, run_dir: Path, has_eval: bool):
         completion_only_loss=None,  # labels are built here, answer-only; TRL keeps a given labels column
         assistant_only_loss=False,
     )
+
+
+def early_stopping(recipe: Recipe, has_eval: bool) -> list:
+    from transformers import EarlyStoppingCallback
+
+    p = recipe.training.early_stopping_patience
+    return [EarlyStoppingCallback(early_stopping_patience=p)] if has_eval and p > 0 else []
+
+
+def memorising_warning(train_loss, eval_loss) -> str | None:
+    """Small data overfits fast: say so when the training loss falls far below the eval loss."""
+    if train_loss is None or eval_loss is None:
+        return None
+    if eval_loss > 1.5 * train_loss + 0.1:
+        return (f"train loss {train_loss:.3f} is far below eval loss {eval_loss:.3f}: the adapter is memorising the "
+                "training rows; use fewer epochs, a lower learning rate or more data")
+    return None
 
 
 def check_adapter(model) -> str:
@@ -175,10 +196,16 @@ def run(recipe: Recipe, run_dir_arg: str | None = None, callbacks: list | None =
     try:
         # 5. model: 4-bit NF4 base, LoRA on the attention projections
         model = load_4bit(model_dir, recipe)
-        model = attach_lora(model, recipe)
+        from .model import embedding_modules
+
+        emb_mods, emb_why = embedding_modules(recipe, model, tokenizer.eos_token_id)
+        if emb_why:
+            console.print(f"{'embeddings trained' if emb_mods else '[yellow]warning[/]'}: {emb_why}", highlight=False)
+        model = attach_lora(model, recipe, tokenizer.eos_token_id)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         lora_modules = sum(1 for n, _ in model.named_modules() if n.endswith(".lora_A"))
-        info["lora"] = {"trainable_params": trainable, "modules": lora_modules,
+        info["lora"] = {"trainable_params": trainable, "modules": lora_modules, "modules_to_save": emb_mods,
+                        "embeddings_note": emb_why,
                         "target_modules": model.peft_config["default"].target_modules
                         if isinstance(model.peft_config["default"].target_modules, str)
                         else sorted(model.peft_config["default"].target_modules)}
@@ -193,7 +220,7 @@ def run(recipe: Recipe, run_dir_arg: str | None = None, callbacks: list | None =
             train_dataset=datasets.Dataset.from_list(train_rows),
             eval_dataset=datasets.Dataset.from_list(eval_rows) if eval_rows else None,
             processing_class=tokenizer,
-            callbacks=[RichProgress(console), tensorboard, *(callbacks or [])],
+            callbacks=[RichProgress(console), tensorboard, *early_stopping(recipe, bool(eval_rows)), *(callbacks or [])],
         )
         # TRL casts LoRA weights of a quantized model to bf16. Keep fp32 master weights instead:
         # autocast still computes in bf16 on GPU, but small optimizer updates are not rounded away,
@@ -210,6 +237,13 @@ def run(recipe: Recipe, run_dir_arg: str | None = None, callbacks: list | None =
             metrics["eval_loss"] = ev["eval_loss"]
             metrics["eval_perplexity"] = math.exp(min(ev["eval_loss"], 50))
         metrics["log_history"] = trainer.state.log_history
+        metrics["best_checkpoint"] = trainer.state.best_model_checkpoint
+        metrics["stopped_early"] = bool(args.max_steps > 0 and trainer.state.global_step < args.max_steps) or bool(
+            trainer.state.global_step < trainer.state.max_steps)
+        warn = memorising_warning(metrics.get("train_loss"), metrics.get("eval_loss"))
+        if warn:
+            metrics["warning"] = warn
+            console.print(f"[yellow]warning[/]: {warn}", highlight=False)
 
         # 7. save the adapter atomically, then check it
         info["adapter_check"] = check_adapter(trainer.model)
