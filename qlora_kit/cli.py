@@ -113,6 +113,51 @@ def generate_cmd(
     print(generate.answer(loaded, prompt, max_new_tokens))
 
 
+@app.command("eval")
+def eval_cmd(
+    run_dir: Path = typer.Argument(..., help="a run directory from `qlora-kit train`"),
+    data: Optional[Path] = typer.Option(None, "--data", help="questions to evaluate on (default: the run's held-out split)"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="evaluate at most N samples"),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens"),
+) -> None:
+    """Base vs tuned on held-out questions: domain metrics, report.md/.html, review.csv."""
+    from . import evaluate
+
+    result = evaluate.run(run_dir, str(data) if data else None, limit, max_new_tokens)
+    from .report import metric_rows
+
+    from rich.table import Table
+
+    t = Table(title=f"{result['samples']} held-out samples, task {result['task']}")
+    for col in ("metric", "base", "tuned", "delta"):
+        t.add_column(col, justify="left" if col == "metric" else "right")
+    for label, b, tu, d, higher in metric_rows(result["summary"]):
+        f = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
+        t.add_row(label + ("" if higher else " ↓"), f(b), f(tu), f(d))
+    err.print(t)
+    print(run_dir / "report.html")
+
+
+@app.command("chat")
+def chat_cmd(
+    run_dir: Optional[Path] = typer.Argument(None, help="a run directory (its adapter is loaded under its folder name)"),
+    adapter: list[str] = typer.Option([], "--adapter", help="NAME=RUN_DIR, repeatable: several adapters on one base"),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="answer this one question and exit"),
+    use: Optional[str] = typer.Option(None, "--use", help="adapter to start with (default: the first)"),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens"),
+) -> None:
+    """Chat with a tuned model, streaming; /use NAME switches adapters without reloading the base."""
+    from . import chat, generate
+
+    engine = generate.Engine.from_runs(chat.parse_adapters(run_dir, adapter))
+    if use:
+        engine.use(None if use == "base" else use)
+    if prompt is not None:
+        chat.one_shot(engine, prompt, max_new_tokens)
+    else:
+        chat.repl(engine, max_new_tokens, err)
+
+
 data_app = typer.Typer(help="Check, redact and generate training data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 

@@ -98,9 +98,7 @@ def _encode_cached(tokenizer, prep: "Prepared", recipe: Recipe, stop_ids: set[in
                     for a, b, f in zip(offs[:-1], offs[1:], flags)], True
         except (OSError, KeyError, ValueError):
             pass  # a damaged cache file is rebuilt
-    if prep.conversations is None:  # checks came from the cache but this tokenizer is new
-        prep.conversations = _check(recipe, prep.key).conversations
-    enc = encode_batch(tokenizer, prep.conversations, max_length, stop_ids)
+    enc = encode_batch(tokenizer, conversations(prep, recipe), max_length, stop_ids)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         lens = np.array([len(e.input_ids) for e in enc], dtype=np.int64)
@@ -162,6 +160,13 @@ def prepare(recipe: Recipe, tokenizer=None, stop_ids: set[int] | None = None, to
     if tokenizer is not None:
         encode(prep, recipe, tokenizer, stop_ids)
     return prep
+
+
+def conversations(prep: Prepared, recipe: Recipe) -> list:
+    """The conversations, re-read when the checks themselves came from the cache."""
+    if prep.conversations is None:
+        prep.conversations = _check(recipe, prep.key).conversations
+    return prep.conversations
 
 
 def _check(recipe: Recipe, key: str) -> Prepared:

@@ -1,0 +1,130 @@
+"""`qlora-kit eval RUN_DIR`: does the adapter help, on questions it did not train on?
+
+Base and tuned model are the same 4-bit base (the adapter switched off and on), the same chat
+template (the run's), greedy decoding. Each held-out question is answered by both; answers are
+scored with generic character-level metrics and the recipe's domain metrics (metrics.py);
+teacher-forced eval loss on the reference answers is measured for both too. `report.py` turns
+the result into report.md, report.html (with loss curves) and review.csv in the run directory.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+
+from rich.console import Console
+
+from . import metrics, rundir
+from .errors import UserError
+
+console = Console(stderr=True, soft_wrap=True)
+
+
+def held_out(run_dir: Path, recipe, data_file: str | None):
+    """(conversations, wheres): a given file whole, or the run's own eval split (same split as training)."""
+    from . import data as data_mod
+    from . import datacheck
+
+    if data_file:
+        ds = data_mod.load(data_file, recipe.data.system_prompt, recipe.data.columns, recipe.data.skip_bad)
+        return ds.conversations, ds.wheres
+    prep = datacheck.prepare(recipe)
+    if not prep.eval_idx:
+        raise UserError(f"{run_dir}: the run has no held-out split (data.eval_fraction is 0 or the data is tiny)",
+                        "pass --data FILE with questions the model did not train on")
+    convs = datacheck.conversations(prep, recipe)
+    return [convs[i] for i in prep.eval_idx], [prep.wheres[i] for i in prep.eval_idx]
+
+
+def answer_loss(engine, conv) -> tuple[float, int]:
+    """Summed NLL and count of the reference answer tokens, teacher-forced, with the active model."""
+    import contextlib
+
+    import torch
+
+    from .template import encode_batch
+
+    a = engine.current
+    e = encode_batch(a.tokenizer, [conv], 1 << 30, set(a.stop_ids))[0]
+    ids = torch.tensor([e.input_ids], device=engine.model.device)
+    labels = torch.tensor([e.labels], device=engine.model.device)
+    off = engine.model.disable_adapter() if engine.active is None else contextlib.nullcontext()
+    with off, torch.no_grad():
+        logits = engine.model(input_ids=ids).logits.float()
+    nll = torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100, reduction="sum")
+    return float(nll), int((labels[0, 1:] != -100).sum())
+
+
+def _percentile(xs, q):
+    xs = sorted(xs)
+    if not xs:
+        return None
+    k = (len(xs) - 1) * q
+    lo, hi = math.floor(k), math.ceil(k)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def run(run_dir: str | Path, data_file: str | None = None, limit: int | None = None,
+        max_new_tokens: int | None = None) -> dict:
+    from . import generate
+    from .recipe import load_saved
+
+    run_dir = Path(run_dir)
+    info = rundir.read_info(run_dir)
+    rundir.require_adapter(run_dir)
+    recipe = load_saved(run_dir / "recipe.yaml")
+    ev = recipe.evaluation
+    convs, wheres = held_out(run_dir, recipe, data_file)
+    n = limit or ev.limit
+    if n:
+        convs, wheres = convs[:n], wheres[:n]
+    max_new = max_new_tokens or ev.max_new_tokens
+    engine = generate.Engine.from_runs({"tuned": run_dir})
+    console.print(f"eval: {len(convs)} held-out samples, task {ev.task}, greedy, up to {max_new} new tokens")
+
+    rows = []
+    sides = {"base": None, "tuned": "tuned"}
+    for i, (conv, where) in enumerate(zip(convs, wheres)):
+        last = max(j for j, m in enumerate(conv) if m["role"] == "assistant")
+        conv = conv[: last + 1]
+        prompt, ref = conv[:last], conv[last]["content"]
+        question = next((m["content"] for m in reversed(prompt) if m["role"] == "user"), "")
+        row = {"where": where, "question": question, "reference": ref}
+        for side, name in sides.items():
+            engine.use(name)
+            res = engine.generate(prompt, max_new)
+            nll, count = answer_loss(engine, conv)
+            row[side] = {"answer": res.text, "new_tokens": res.new_tokens, "seconds": res.seconds,
+                         "nll": nll, "answer_tokens": count,
+                         **metrics.score(ev.task, res.text, ref, ev.glossary)}
+        rows.append(row)
+        console.print(f"  {i + 1}/{len(convs)} rouge_l base {row['base']['rouge_l']:.2f} -> tuned {row['tuned']['rouge_l']:.2f}",
+                      highlight=False)
+
+    summary = {}
+    for side in sides:
+        agg = metrics.aggregate([{k: v for k, v in r[side].items() if k not in ("answer",)} for r in rows])
+        nll = sum(r[side]["nll"] for r in rows)
+        cnt = sum(r[side]["answer_tokens"] for r in rows)
+        agg["eval_loss"] = nll / max(cnt, 1)
+        agg["perplexity"] = math.exp(min(agg["eval_loss"], 50))
+        secs = [r[side]["seconds"] for r in rows]
+        toks = sum(r[side]["new_tokens"] for r in rows)
+        agg["tokens_per_s"] = toks / max(sum(secs), 1e-9)
+        agg["latency_p50_s"] = _percentile(secs, 0.5)
+        agg["latency_p99_s"] = _percentile(secs, 0.99)
+        for k in ("nll", "answer_tokens", "seconds", "new_tokens"):
+            agg.pop(k, None)
+        summary[side] = agg
+    result = {
+        "run_dir": str(run_dir), "base_model": info["base_model"], "task": ev.task, "samples": len(rows),
+        "data": data_file or "held-out split of the training data", "max_new_tokens": max_new,
+        "summary": summary, "rows": rows, "created": rundir.now(),
+        "device": info.get("device"), "median_answer_tokens": statistics.median([r["tuned"]["new_tokens"] for r in rows]) if rows else 0,
+    }
+    rundir.write_json(run_dir / "eval.json", result)
+    from . import report
+
+    report.write(run_dir, result)
+    return result
