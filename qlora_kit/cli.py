@@ -61,6 +61,10 @@ def train_cmd(
     skip_bad: bool = typer.Option(False, "--skip-bad", help="drop unreadable data rows (counted) instead of stopping"),
     scrub_pii: bool = typer.Option(False, "--scrub-pii", help="redact personal data before training"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow model code from its repository"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="accept pickled *.bin weights (they can run code)"),
+    from_adapter: Optional[Path] = typer.Option(None, "--from-adapter", help="continue training this run's adapter on new data"),
+    force: bool = typer.Option(False, "--force", help="start an existing --run-dir over instead of resuming it"),
+    auto_batch: bool = typer.Option(False, "--auto-batch", help="on CUDA out-of-memory, halve the micro-batch and retry"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved recipe as YAML and exit"),
 ) -> None:
     """Fine-tune a 4-bit base model with LoRA on a Q/A file."""
@@ -75,6 +79,8 @@ def train_cmd(
         "base_model": base_model,
         "training.max_steps": max_steps,
         "trust_remote_code": True if trust_remote_code else None,
+        "allow_pickle": True if allow_pickle else None,
+        "from_adapter": str(from_adapter.resolve()) if from_adapter else None,
     }
     resolved, _ = recipe_mod.resolve(recipe, set_, flags)
     if dry_run:
@@ -82,7 +88,7 @@ def train_cmd(
         return
     from . import train
 
-    path = train.run(resolved, str(run_dir) if run_dir else None)
+    path = train.run(resolved, str(run_dir) if run_dir else None, force=force, auto_batch=auto_batch)
     print(path)
 
 
@@ -260,7 +266,7 @@ def main() -> None:
         err.print(f"[bold red]error[/]: {e.message}", highlight=False)
         if e.hint:
             err.print(f"  [bold]fix[/]: {e.hint}", highlight=False)
-        sys.exit(2)
+        sys.exit(getattr(e, "exit_code", 2))
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)

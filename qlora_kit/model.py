@@ -69,7 +69,8 @@ def quiet_libraries() -> None:
 WEIGHT_GLOBS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin")
 
 
-def resolve_base_model(spec: str, revision: str | None = None, trust_remote_code: bool = False) -> str:
+def resolve_base_model(spec: str, revision: str | None = None, trust_remote_code: bool = False,
+                       allow_pickle: bool = False) -> str:
     """A local directory (checked for config and weights), builtin:tiny, or a hub id (checked now,
     so an offline machine fails in one second with a fix, not after data preparation)."""
     if spec.startswith("builtin:"):
@@ -87,6 +88,9 @@ def resolve_base_model(spec: str, revision: str | None = None, trust_remote_code
         if not any(any(p.glob(g)) for g in WEIGHT_GLOBS):
             raise UserError(f"{p}: config.json but no weights (*.safetensors)",
                             "the download is incomplete; fetch the model again (hf download ID --local-dir DIR)")
+        if not any(p.glob("*.safetensors")) and not allow_pickle:
+            raise UserError(f"{p}: weights only in pickle format (*.bin), which can run code when loaded",
+                            "convert them to safetensors, or pass --allow-pickle if you trust the source")
         return str(p.resolve())
     from huggingface_hub import snapshot_download
 
@@ -202,7 +206,7 @@ def load_4bit(model_dir: str, recipe: Recipe):
             dtype=dtype,
             device_map={"": 0} if has_gpu() else {"": "cpu"},
             trust_remote_code=recipe.trust_remote_code,
-            revision=None,
+            use_safetensors=None if recipe.allow_pickle else True,
         )
     except ValueError as e:
         if "trust_remote_code" in str(e):

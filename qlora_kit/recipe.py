@@ -101,7 +101,7 @@ class TrainingConfig(_Section):
     logging_steps: int = Field(5, ge=1)
     eval_steps: int = Field(25, ge=1)
     save_steps: int = Field(50, ge=1)
-    save_total_limit: int = Field(2, ge=1)
+    save_total_limit: int = Field(2, ge=2, description=">= 2: the previous complete checkpoint survives a new save")
     load_best_model_at_end: bool = Field(True, description="the adapter saved is the checkpoint with the lowest eval loss")
     early_stopping_patience: int = Field(3, ge=0, description="stop after N evaluations without improvement; 0: never")
     seed: int = 42
@@ -128,6 +128,8 @@ class Recipe(_Section):
     base_model: str = Field(..., description="hub id, local directory, or builtin:tiny")
     revision: str | None = None
     trust_remote_code: bool = False
+    allow_pickle: bool = Field(False, description="accept pickled *.bin weights (they can run code when loaded)")
+    from_adapter: str | None = Field(None, description="a run directory whose adapter this run continues training")
     chat_template: str | None = Field(
         None, description="Jinja chat template; default: the model's own, or qlora-kit's for models without one"
     )

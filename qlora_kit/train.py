@@ -49,6 +49,7 @@ def sft_config(recipe: Recipe, run_dir: Path, has_eval: bool):
         activation_checkpointing_kwargs={"use_reentrant": False},
         logging_steps=t.logging_steps,
         logging_first_step=True,
+        logging_nan_inf_filter=False,  # a NaN loss must be seen (and stop the run), not averaged away
         eval_strategy="steps" if has_eval else "no",
         # small data: keep the checkpoint with the lowest eval loss, not the last one
         load_best_model_at_end=has_eval and t.load_best_model_at_end,
@@ -109,7 +110,8 @@ def check_adapter(model) -> str:
     return f"ok: {n_b} LoRA B matrices, {n_b - zero_b} non-zero, all weights finite"
 
 
-def run(recipe: Recipe, run_dir_arg: str | None = None, callbacks: list | None = None) -> Path:
+def run(recipe: Recipe, run_dir_arg: str | None = None, callbacks: list | None = None, *,
+        force: bool = False, auto_batch: bool = False) -> Path:
     """Train and return the run directory. `callbacks` are extra TrainerCallbacks (tests use them to
     look at the live model; nothing in qlora-kit needs them)."""
     t0 = time.time()
@@ -129,17 +131,12 @@ def run(recipe: Recipe, run_dir_arg: str | None = None, callbacks: list | None =
     if not has_gpu() and not recipe.base_model.startswith("builtin:") and not Path(recipe.base_model).is_dir():
         console.print("[yellow]warning[/]: no CUDA GPU found; a multi-billion-parameter model trains on CPU "
                       "at a few tokens per second (use --base-model builtin:tiny to check the pipeline)")
-    model_dir = resolve_base_model(recipe.base_model, recipe.revision, recipe.trust_remote_code)
+    model_dir = resolve_base_model(recipe.base_model, recipe.revision, recipe.trust_remote_code, recipe.allow_pickle)
 
     # 3. tokenizer and template; answer-only labels with EOS in the loss (cached by content)
-    import datasets
     import torch
-    from transformers import PrinterCallback
-    from transformers.integrations import TensorBoardCallback
-    from trl import SFTTrainer
 
-    from .model import attach_lora, compute_dtype, load_4bit, load_tokenizer, prepare_tokenizer, quiet_libraries
-    from .progress import RichProgress
+    from .model import compute_dtype, load_tokenizer, prepare_tokenizer, quiet_libraries
 
     quiet_libraries()
     tokenizer = load_tokenizer(model_dir, recipe)
@@ -161,8 +158,26 @@ def run(recipe: Recipe, run_dir_arg: str | None = None, callbacks: list | None =
         raise UserError(f"{rep['file']}: no training sample has an answer token within "
                         f"max_length={recipe.training.max_length}", "raise training.max_length")
 
-    # 4. run directory: the resolved recipe and the tokenizer first, so a crash still leaves a readable run
-    run_dir = rundir.new_run_dir(recipe.output_dir, recipe.name, run_dir_arg)
+    # 4. run directory: a new one, or an existing run to resume (same settings, same data)
+    from . import resilience
+    from .recipe import load_saved
+
+    resume_from = None
+    existing = Path(run_dir_arg) if run_dir_arg else None
+    reuse = existing is not None and rundir.is_run_dir(existing)
+    if reuse:
+        old = rundir.read_info(existing)
+        if force:
+            console.print(f"--force: starting {existing} over")
+            for child in existing.iterdir():
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        elif old.get("status") == "finished":
+            raise UserError(f"{existing} is a finished run", "choose another --run-dir, or pass --force to train it again")
+        else:
+            resilience.check_resume(existing, old, load_saved(existing / "recipe.yaml"), recipe, model_dir, rep["sha256"])
+            resume_from = resilience.last_complete_checkpoint(existing / rundir.CHECKPOINTS, console)
+            console.print(f"resuming {existing} from {resume_from.name if resume_from else 'the start (no complete checkpoint)'}")
+    run_dir = existing if reuse else rundir.new_run_dir(recipe.output_dir, recipe.name, run_dir_arg)
     rundir.write_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
     tokenizer.save_pretrained(run_dir / rundir.TOKENIZER)
     dtype = compute_dtype(recipe)
@@ -187,84 +202,194 @@ def run(recipe: Recipe, run_dir_arg: str | None = None, callbacks: list | None =
         },
         "tokenizer": {"template_source": tok_info.template_source, "pad_token": tok_info.pad_token,
                       "stop_token_ids": tok_info.stop_token_ids},
+        "from_adapter": recipe.from_adapter,
+        "resumed_from": resume_from.name if resume_from else None,
         "versions": rundir.versions(),
     }
     rundir.write_json(run_dir / "run.json", info)
     rundir.write_json(run_dir / "data_check.json", rep)  # built from redacted text when scrub_pii is on
     console.print(f"run directory: {run_dir}")
 
+    attempt_recipe = recipe
     try:
-        # 5. model: 4-bit NF4 base, LoRA on the attention projections
-        model = load_4bit(model_dir, recipe)
-        from .model import embedding_modules
+        while True:
+            try:
+                trainer, metrics, stops = _fit(attempt_recipe, model_dir, tokenizer, train_rows, eval_rows, run_dir,
+                                               resume_from, info, callbacks)
+                break
+            except BaseException as e:
+                t = attempt_recipe.training
+                if not (resilience.is_oom(e) and auto_batch and t.per_device_train_batch_size > 1):
+                    raise
+                # keep the effective batch: half the micro-batch, twice the accumulation, from the start
+                attempt_recipe = attempt_recipe.model_copy(deep=True)
+                attempt_recipe.training.per_device_train_batch_size = t.per_device_train_batch_size // 2
+                attempt_recipe.training.gradient_accumulation_steps = t.gradient_accumulation_steps * 2
+                console.print(f"[yellow]out of memory[/]: retrying with micro-batch "
+                              f"{attempt_recipe.training.per_device_train_batch_size} x accumulation "
+                              f"{attempt_recipe.training.gradient_accumulation_steps} (--auto-batch)")
+                info.setdefault("auto_batch", []).append(
+                    {"per_device_train_batch_size": attempt_recipe.training.per_device_train_batch_size,
+                     "gradient_accumulation_steps": attempt_recipe.training.gradient_accumulation_steps})
+                shutil.rmtree(run_dir / rundir.CHECKPOINTS, ignore_errors=True)
+                resume_from = None
+                import gc
 
-        emb_mods, emb_why = embedding_modules(recipe, model, tokenizer.eos_token_id)
-        if emb_why:
-            console.print(f"{'embeddings trained' if emb_mods else '[yellow]warning[/]'}: {emb_why}", highlight=False)
-        model = attach_lora(model, recipe, tokenizer.eos_token_id)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        lora_modules = sum(1 for n, _ in model.named_modules() if n.endswith(".lora_A"))
-        info["lora"] = {"trainable_params": trainable, "modules": lora_modules, "modules_to_save": emb_mods,
-                        "embeddings_note": emb_why,
-                        "target_modules": model.peft_config["default"].target_modules
-                        if isinstance(model.peft_config["default"].target_modules, str)
-                        else sorted(model.peft_config["default"].target_modules)}
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+        step = trainer.state.global_step
+        last = resilience.last_complete_checkpoint(run_dir / rundir.CHECKPOINTS)
+        resume_cmd = f"rerun the same command (with --run-dir {run_dir}) to resume from {last.name if last else 'the start'}"
+        if stops["interrupt"].requested:
+            raise resilience.RunStopped(f"interrupted at step {step}; checkpoint saved", resume_cmd, exit_code=130)
+        if stops["finite"].bad_step is not None:
+            raise resilience.RunStopped(
+                f"non-finite training values at step {stops['finite'].bad_step} ({stops['finite'].what}); stopped "
+                f"without saving that state; last good checkpoint: {last.name if last else 'none'}",
+                "lower training.learning_rate or training.max_grad_norm; then " + resume_cmd)
+        if stops["disk"].short is not None:
+            free, need = stops["disk"].short
+            raise resilience.RunStopped(
+                f"not enough disk space for the next checkpoint in {run_dir} ({free / 2**20:.0f} MiB free, "
+                f"about {need / 2**20:.0f} MiB needed); the last complete checkpoint ({last.name if last else 'none'}) is usable",
+                "free disk space, then " + resume_cmd)
+        if attempt_recipe is not recipe:
+            rundir.write_atomic(run_dir / "recipe.auto-batch.yaml", attempt_recipe.to_yaml())
 
-        # 6. train
-        tensorboard = TensorBoardCallback()
-        tensorboard.logging_dir = str(run_dir / rundir.LOGS)  # not checkpoints/runs/<date>
-        args = sft_config(recipe, run_dir, has_eval=bool(eval_rows))
-        trainer = SFTTrainer(
-            model=model,
-            args=args,
-            train_dataset=datasets.Dataset.from_list(train_rows),
-            eval_dataset=datasets.Dataset.from_list(eval_rows) if eval_rows else None,
-            processing_class=tokenizer,
-            callbacks=[RichProgress(console), tensorboard, *early_stopping(recipe, bool(eval_rows)), *(callbacks or [])],
-        )
-        # TRL casts LoRA weights of a quantized model to bf16. Keep fp32 master weights instead:
-        # autocast still computes in bf16 on GPU, but small optimizer updates are not rounded away,
-        # and on CPU the LoRA path stays in the fp32 compute dtype the base layers use.
-        for p in trainer.model.parameters():
-            if p.requires_grad and p.dtype != torch.float32:
-                p.data = p.data.float()
-        trainer.remove_callback(PrinterCallback)  # Rich prints progress; no raw dicts on stderr
-        result = trainer.train()
-        metrics = {"global_step": trainer.state.global_step, "train_loss": _last(trainer.state.log_history, "loss"),
-                   "train_loss_mean": result.training_loss, "train_runtime_s": result.metrics.get("train_runtime")}
-        if eval_rows:
-            ev = trainer.evaluate()
-            metrics["eval_loss"] = ev["eval_loss"]
-            metrics["eval_perplexity"] = math.exp(min(ev["eval_loss"], 50))
-        metrics["log_history"] = trainer.state.log_history
-        metrics["best_checkpoint"] = trainer.state.best_model_checkpoint
-        metrics["stopped_early"] = bool(args.max_steps > 0 and trainer.state.global_step < args.max_steps) or bool(
-            trainer.state.global_step < trainer.state.max_steps)
-        warn = memorising_warning(metrics.get("train_loss"), metrics.get("eval_loss"))
-        if warn:
-            metrics["warning"] = warn
-            console.print(f"[yellow]warning[/]: {warn}", highlight=False)
-
-        # 7. save the adapter atomically, then check it
+        # 7. save the adapter atomically, then check the files
         info["adapter_check"] = check_adapter(trainer.model)
         final = run_dir / rundir.ADAPTER
         tmp = run_dir / ".adapter.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         trainer.model.save_pretrained(tmp, safe_serialization=True)
+        info["adapter_check"] += "; " + check_adapter_files(tmp, info["lora"]["trainable_params"])
+        shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         info.update(status="finished", finished=rundir.now(), wall_s=round(time.time() - t0, 1))
         rundir.write_json(run_dir / "metrics.json", metrics)
         rundir.write_json(run_dir / "run.json", info)
         rundir.write_card(run_dir, info, recipe, metrics)
     except BaseException as e:
-        info.update(status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
+        stopped = isinstance(e, KeyboardInterrupt) or getattr(e, "exit_code", None) == 130
+        if resilience.is_oom(e):
+            e = resilience.RunStopped(f"CUDA out of memory with micro-batch {attempt_recipe.training.per_device_train_batch_size}"
+                                      f" x max_length {attempt_recipe.training.max_length}",
+                                      resilience.oom_advice(attempt_recipe))
+        elif isinstance(e, OSError) and getattr(e, "errno", None) == 28:  # ENOSPC while writing a checkpoint
+            last = resilience.last_complete_checkpoint(run_dir / rundir.CHECKPOINTS)
+            e = resilience.RunStopped(f"the disk filled up while saving in {run_dir}; the last complete checkpoint "
+                                      f"({last.name if last else 'none'}) is usable",
+                                      f"free disk space, then rerun the same command with --run-dir {run_dir} to resume")
+        info.update(status="interrupted" if stopped else "failed",
                     finished=rundir.now(), error=f"{type(e).__name__}: {e}"[:500])
         rundir.write_json(run_dir / "run.json", info)
         rundir.write_card(run_dir, info, recipe, {})
+        if isinstance(e, resilience.RunStopped):
+            raise e from None
         raise
     ev_s = f", eval loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else ""
     console.print(f"[green]done[/]: {metrics['global_step']} steps, train loss {metrics['train_loss']:.4f}{ev_s}")
     return run_dir
+
+
+def _fit(recipe: Recipe, model_dir: str, tokenizer, train_rows, eval_rows, run_dir: Path, resume_from,
+         info: dict, callbacks):
+    """Load the 4-bit base, attach LoRA (or continue an adapter), train. Returns (trainer, metrics, stops)."""
+    import datasets
+    import torch
+    from transformers import PrinterCallback
+    from transformers.integrations import TensorBoardCallback
+    from trl import SFTTrainer
+
+    from . import resilience
+    from .model import attach_lora, embedding_modules, load_4bit
+    from .progress import RichProgress
+
+    from transformers import set_seed
+
+    set_seed(recipe.training.seed)  # LoRA A is initialised randomly: same seed, same run (and resume)
+    model = load_4bit(model_dir, recipe)
+    emb_mods, emb_why = embedding_modules(recipe, model, tokenizer.eos_token_id)
+    if recipe.from_adapter:
+        model = continue_adapter(model, recipe.from_adapter, model_dir)
+    else:
+        if emb_why:
+            console.print(f"{'embeddings trained' if emb_mods else '[yellow]warning[/]'}: {emb_why}", highlight=False)
+        model = attach_lora(model, recipe, tokenizer.eos_token_id)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    lora_modules = sum(1 for n, _ in model.named_modules() if n.endswith(".lora_A"))
+    cfg = model.peft_config["default"]
+    info["lora"] = {"trainable_params": trainable, "modules": lora_modules,
+                    "modules_to_save": sorted(cfg.modules_to_save or []), "embeddings_note": emb_why,
+                    "target_modules": cfg.target_modules if isinstance(cfg.target_modules, str) else sorted(cfg.target_modules)}
+
+    tensorboard = TensorBoardCallback()
+    tensorboard.logging_dir = str(run_dir / rundir.LOGS)  # not checkpoints/runs/<date>
+    args = sft_config(recipe, run_dir, has_eval=bool(eval_rows))
+    # TRL casts the trainable weights of a quantized model to bf16. Keep exact fp32 master weights:
+    # autocast still computes in bf16 on GPU, small optimizer updates are not rounded away, a
+    # continued adapter starts from exactly its saved values, and on CPU LoRA stays in fp32.
+    exact = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+    stops = {"interrupt": resilience.Interrupt(console), "finite": resilience.FiniteLoss(),
+             "disk": resilience.DiskGuard(run_dir / rundir.CHECKPOINTS, minimum_bytes=16 * trainable + (8 << 20))}
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(train_rows),
+        eval_dataset=datasets.Dataset.from_list(eval_rows) if eval_rows else None,
+        processing_class=tokenizer,
+        callbacks=[RichProgress(console), tensorboard, *early_stopping(recipe, bool(eval_rows)),
+                   stops["finite"], stops["disk"], stops["interrupt"], resilience.CompleteMarker(), *(callbacks or [])],
+    )
+    for n, p in trainer.model.named_parameters():
+        if n in exact:
+            p.data = exact[n]
+    trainer.remove_callback(PrinterCallback)  # Rich prints progress; no raw dicts on stderr
+    with stops["interrupt"]:
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    metrics = {"global_step": trainer.state.global_step, "train_loss": _last(trainer.state.log_history, "loss"),
+               "train_loss_mean": result.training_loss, "train_runtime_s": result.metrics.get("train_runtime")}
+    if stops["interrupt"].requested or stops["finite"].bad_step is not None or stops["disk"].short is not None:
+        return trainer, metrics, stops
+    if eval_rows:
+        ev = trainer.evaluate()
+        metrics["eval_loss"] = ev["eval_loss"]
+        metrics["eval_perplexity"] = math.exp(min(ev["eval_loss"], 50))
+    metrics["log_history"] = trainer.state.log_history
+    metrics["best_checkpoint"] = trainer.state.best_model_checkpoint
+    metrics["stopped_early"] = bool(trainer.state.global_step < trainer.state.max_steps)
+    warn = memorising_warning(metrics.get("train_loss"), metrics.get("eval_loss"))
+    if warn:
+        metrics["warning"] = warn
+        console.print(f"[yellow]warning[/]: {warn}", highlight=False)
+    return trainer, metrics, stops
+
+
+def continue_adapter(model, source: str, model_dir: str):
+    """Start from a trained adapter (laws or guidelines changed: train on the new data)."""
+    from peft import PeftModel
+
+    src = Path(source)
+    info = rundir.read_info(src)
+    adapter = rundir.require_adapter(src)
+    if info.get("base_model_path") != model_dir:
+        raise UserError(f"--from-adapter {src}: that adapter was trained on {info.get('base_model')}, not on this base",
+                        "use the same --base-model as the run you continue")
+    console.print(f"continuing the adapter of {src}")
+    return PeftModel.from_pretrained(model, adapter, is_trainable=True)
+
+
+def check_adapter_files(adapter_dir: Path, trainable_params: int) -> str:
+    """The files on disk: present, and at least as big as the trainable weights they must hold."""
+    f = adapter_dir / "adapter_model.safetensors"
+    if not f.is_file() or not (adapter_dir / "adapter_config.json").is_file():
+        raise RuntimeError(f"adapter files missing in {adapter_dir}")
+    size = f.stat().st_size
+    expected = 2 * trainable_params  # at least bf16 bytes per trained weight
+    if size < expected:
+        raise RuntimeError(f"{f} is {size} bytes, less than the {expected} its {trainable_params} weights need")
+    return f"adapter_model.safetensors {size:,} bytes for {trainable_params:,} weights"
 
 
 def _last(history: list[dict], key: str):
