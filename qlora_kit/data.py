@@ -192,7 +192,7 @@ def _tabular_mapping(columns: list[str], path: Path, mapping: dict[str, str]) ->
     missing = [k for k in ("question", "answer") if not m[k]]
     if missing:
         raise UserError(f"{path}: no {' and no '.join(missing)} column among: {', '.join(columns)}",
-                        f"name them: --columns question=COL,answer=COL (or data.columns in the recipe)")
+                        "name them: --columns question=COL,answer=COL (or data.columns in the recipe)")
     sk = _pick(columns, SYSTEM_KEYS)
     if sk and "system" not in m:
         m["system"] = sk

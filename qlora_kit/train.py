@@ -297,7 +297,6 @@ def _fit(recipe: Recipe, model_dir: str, tokenizer, train_rows, eval_rows, run_d
          info: dict, callbacks):
     """Load the 4-bit base, attach LoRA (or continue an adapter), train. Returns (trainer, metrics, stops)."""
     import datasets
-    import torch
     from transformers import PrinterCallback
     from transformers.integrations import TensorBoardCallback
     from trl import SFTTrainer

@@ -6,11 +6,9 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import pytest
 
-from conftest import ROOT, write_qa
+from conftest import ROOT
 
 QK = [sys.executable, "-m", "qlora_kit.cli"]
 

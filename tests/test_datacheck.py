@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 
 from qlora_kit import datacheck
 from qlora_kit.model import load_tokenizer, prepare_tokenizer

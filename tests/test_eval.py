@@ -62,7 +62,6 @@ def test_memorising_warning():
 
 
 def test_best_checkpoint_and_early_stopping_settings(tmp_path, tiny_dir, qa_file):
-    from qlora_kit.errors import UserError
     from qlora_kit.recipe import Recipe
     from qlora_kit.train import early_stopping, sft_config
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qlora_kit import data, merge, rundir, train
+from qlora_kit import data, merge, train
 from qlora_kit.recipe import load_saved
 
 from conftest import Snapshot, make_recipe
