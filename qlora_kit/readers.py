@@ -119,6 +119,10 @@ def _json_document(text: str, path: Path, value) -> list[Record]:
             first = next(iter(value.values())).get("file_name", "one of the files it lists")
             raise UserError(f"{path}: this is a dataset registry (LLaMA-Factory's dataset_info.json), not data",
                             f"pass a data file it names, e.g. {first}; qlora-kit detects the layout itself")
+        if len(value) > 1 and all(isinstance(v, dict) for v in value.values()):
+            # {"id1": {...}, "id2": {...}}: records keyed by an id
+            lines = _key_lines(text, list(value))
+            return [Record(f"{path}:{lines.get(k, 1)}", v) for k, v in value.items()]
         lists = [k for k, v in value.items() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)
                  and k not in ("messages", "conversations", "history")]  # those are one record's turns
         if len(lists) == 1 and len(value) <= 3:  # {"data": [...]}, {"version": 1, "train": [...]}
@@ -130,6 +134,17 @@ def _json_document(text: str, path: Path, value) -> list[Record]:
                         "use a JSON array of objects or one JSON object per line")
     lines = _array_element_lines(text, len(value))
     return [Record(f"{path}:{ln}", v) for ln, v in zip(lines, value)]
+
+
+def _key_lines(text: str, keys: list[str]) -> dict[str, int]:
+    out, pos, line = {}, 0, 1
+    for k in keys:
+        i = text.find(json.dumps(k), pos)
+        if i < 0:
+            break
+        line += text.count("\n", pos, i)
+        out[k], pos = line, i
+    return out
 
 
 _REGISTRY_KEYS = {"file_name", "hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name"}
@@ -176,6 +191,7 @@ def read_json(text: str, path: Path) -> Read:
 
 
 def read_csv(text: str, path: Path, delimiter: str | None = None) -> Read:
+    csv.field_size_limit(1 << 30)  # a long answer in one cell is data, not an error (default: 128 KiB)
     if delimiter is None:
         sample = text[:20000]
         try:

@@ -275,3 +275,33 @@ def test_shared_gb18030_csv_maps_ask_not_title():
     ds = data.load(p)
     assert ds.mapping["question"] == "ask" and ds.columns == ["department", "title", "ask", "answer"]
     assert "党参" in ds.conversations[0][0]["content"]
+
+
+def test_more_real_world_shapes(tmp_path):
+    import openpyxl
+
+    cases = {
+        "semi.csv": ("question;answer\nq1;a1\nq2;\"a;2\"\n".encode(), 2),
+        "excel_unicode.txt": ("question\tanswer\nq\ta\n".encode("utf-16"), 1),  # Excel "Unicode text"
+        "crlf.jsonl": (b'{"question":"a","answer":"b"}\r\n{"question":"c","answer":"d"}\r\n', 2),
+        "ids.json": (json.dumps({"1": {"question": "a", "answer": "b"}, "2": {"question": "c", "answer": "d"}}).encode(), 2),
+        "long_cell.csv": (("question,answer\nq,\"" + "长" * 200000 + "\"\n").encode(), 1),
+        "qa.txt": (b"Q: What is LOTO?\nA: Lockout tagout.\n\nQ: Why?\nA: Safety.\n", 2),
+        "parts.jsonl": (json.dumps({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                                                 {"role": "assistant", "content": [{"type": "text", "text": "yo"}]}]}).encode(), 1),
+    }
+    for name, (content, n) in cases.items():
+        p = tmp_path / name
+        p.write_bytes(content)
+        assert len(data.load(p).conversations) == n, name
+    wb = openpyxl.Workbook()
+    wb.active.append(["this workbook lists cases"])  # a notes sheet first
+    ws = wb.create_sheet("data")
+    ws.append(["问题", "回答"])
+    ws.append(["q", "a"])
+    wb.save(tmp_path / "multi.xlsx")
+    ds = data.load(tmp_path / "multi.xlsx")
+    assert len(ds.conversations) == 1 and ds.wheres == [f"{tmp_path / 'multi.xlsx'}:data!2"]
+    (tmp_path / "fake.xlsx").write_text("not a zip")
+    with pytest.raises(UserError, match="cannot open as an Excel workbook"):
+        data.load(tmp_path / "fake.xlsx")
