@@ -92,6 +92,29 @@ def train_cmd(
     print(path)
 
 
+@app.command("plan")
+def plan_cmd(
+    recipe: str = typer.Argument(..., help="built-in recipe name or a YAML file"),
+    base_model: Optional[str] = typer.Option(None, "--base-model", help="hub id, local folder or config.json (config only, no weights)"),
+    gpu_memory: str = typer.Option("24GiB", "--gpu-memory", help="the card's memory, e.g. 24GiB, 48GiB, 80GB"),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="override training.max_length"),
+    set_: list[str] = typer.Option([], "--set", help="override a recipe field: --set lora.r=32"),
+    as_json: bool = typer.Option(False, "--json", help="print the plan as JSON on stdout"),
+) -> None:
+    """Estimate peak GPU memory by component from the model config; does it fit, what would."""
+    import json
+
+    from . import plan as plan_mod
+    from . import recipe as recipe_mod
+
+    rec, _ = recipe_mod.resolve(recipe, set_, {"base_model": base_model})
+    p = plan_mod.make(rec, None, plan_mod.parse_size(gpu_memory), max_length)
+    if as_json:
+        print(json.dumps(p.to_dict(), indent=2))
+    else:
+        plan_mod.render(p, err)
+
+
 @app.command("merge")
 def merge_cmd(
     run_dir: Path = typer.Argument(..., help="a run directory from `qlora-kit train`"),

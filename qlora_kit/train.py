@@ -133,6 +133,23 @@ def run(recipe: Recipe, run_dir_arg: str | None = None, callbacks: list | None =
                       "at a few tokens per second (use --base-model builtin:tiny to check the pipeline)")
     model_dir = resolve_base_model(recipe.base_model, recipe.revision, recipe.trust_remote_code, recipe.allow_pickle)
 
+    # 2b. will it fit? (from the config alone; the planner's components are in `qlora-kit plan`)
+    from . import plan as plan_mod
+
+    try:
+        import torch as _torch
+
+        budget = _torch.cuda.mem_get_info()[1] if has_gpu() else 24 * plan_mod.GiB
+        p = plan_mod.make(recipe, model_dir, budget)
+        where = "this GPU" if has_gpu() else "a 24 GiB GPU (this run is on CPU)"
+        console.print(f"memory plan: about {p.total / plan_mod.GiB:.1f} GiB peak on {where}", highlight=False)
+        if not p.fits:
+            console.print(f"[yellow]warning[/]: the estimate exceeds {budget / plan_mod.GiB:.0f} GiB; micro-batch "
+                          f"{p.best_micro_batch or 1} or max_length {p.longest_max_length:,} would fit "
+                          f"(`qlora-kit plan {recipe.name}` shows the components)", highlight=False)
+    except UserError as e:
+        console.print(f"memory plan unavailable: {e.message}", highlight=False)
+
     # 3. tokenizer and template; answer-only labels with EOS in the loss (cached by content)
     import torch
 
