@@ -207,6 +207,7 @@ def load_4bit(model_dir: str, recipe: Recipe):
             device_map={"": 0} if has_gpu() else {"": "cpu"},
             trust_remote_code=recipe.trust_remote_code,
             use_safetensors=None if recipe.allow_pickle else True,
+            attn_implementation=recipe.training.attn_implementation,
         )
     except ValueError as e:
         if "trust_remote_code" in str(e):
@@ -313,7 +314,11 @@ def attach_lora(model, recipe: Recipe, eos_id: int | None = None):
     from peft import get_peft_model
 
     # Gradient checkpointing is switched on by the Trainer (SFTConfig.gradient_checkpointing).
-    # Deliberately not `prepare_model_for_kbit_training`: it upcasts embeddings and lm_head to fp32,
+    if recipe.training.upcast_embeddings:  # the plain blog recipe, kept for comparison benchmarks
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    # By default not `prepare_model_for_kbit_training`: it upcasts embeddings and lm_head to fp32,
     # which doubles their memory and makes the logits fp32 (DESIGN.md section 4).
     peft_model = get_peft_model(model, lora_config(recipe, model, eos_id))
     return peft_model

@@ -98,6 +98,13 @@ class TrainingConfig(_Section):
     max_grad_norm: float = Field(0.3, gt=0, description="QLoRA paper's clipping value")
     optim: Literal["paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw_torch"] = "paged_adamw_8bit"
     gradient_checkpointing: bool = True
+    # --- the fast path (each switch tested for the same loss as the plain path) ---
+    padding_free: bool = Field(True, description="flatten each micro-batch into one sequence: no pad tokens computed")
+    packing: bool = Field(False, description="pack samples into max_length token budgets (fewer, fuller micro-steps)")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    activation_offloading: bool = Field(False, description="keep checkpointed activations in CPU memory (long contexts)")
+    liger_kernel: bool | Literal["auto"] = Field("auto", description="fused linear cross-entropy: auto = on a GPU with liger-kernel installed")
+    upcast_embeddings: bool = Field(False, description="the blog recipe's fp32 upcast of embeddings/head (costs memory; for comparison)")
     logging_steps: int = Field(5, ge=1)
     eval_steps: int = Field(25, ge=1)
     save_steps: int = Field(50, ge=1)

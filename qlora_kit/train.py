@@ -38,7 +38,7 @@ def sft_config(recipe: Recipe, run_dir: Path, has_eval: bool):
         per_device_train_batch_size=t.per_device_train_batch_size,
         per_device_eval_batch_size=t.per_device_eval_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
-        max_length=t.max_length,
+        max_length=None if (t.padding_free and not t.packing) else t.max_length,
         warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of the total steps in transformers 5
         lr_scheduler_type=t.lr_scheduler_type,
         weight_decay=t.weight_decay,
@@ -67,10 +67,29 @@ def sft_config(recipe: Recipe, run_dir: Path, has_eval: bool):
         report_to="none",  # TensorBoard is added explicitly, writing into the run directory
         disable_tqdm=True,  # Rich shows progress instead
         dataloader_pin_memory=has_gpu(),
-        packing=False,
+        # padding-free: samples are already truncated here, so TRL need not enforce max_length
+        padding_free=t.padding_free or t.packing,
+        packing=t.packing,
+        packing_strategy="bfd",
+        activation_offloading=t.activation_offloading,
+        use_liger_kernel=use_liger(recipe),
         completion_only_loss=None,  # labels are built here, answer-only; TRL keeps a given labels column
         assistant_only_loss=False,
     )
+
+
+def use_liger(recipe: Recipe) -> bool:
+    """Fused linear cross-entropy never materialises full-vocabulary logits; it needs a GPU."""
+    import importlib.util
+
+    from .model import has_gpu
+
+    choice = recipe.training.liger_kernel
+    available = has_gpu() and importlib.util.find_spec("liger_kernel") is not None
+    if choice is True and not available:
+        raise UserError("training.liger_kernel: true needs a CUDA GPU and `pip install liger-kernel`",
+                        "set training.liger_kernel: auto")
+    return available if choice == "auto" else bool(choice)
 
 
 def early_stopping(recipe: Recipe, has_eval: bool) -> list:
@@ -326,6 +345,9 @@ def _fit(recipe: Recipe, model_dir: str, tokenizer, train_rows, eval_rows, run_d
 
     set_seed(recipe.training.seed)  # LoRA A is initialised randomly: same seed, same run (and resume)
     model = load_4bit(model_dir, recipe)
+    # no KV cache in training: with a cache transformers cannot see padding-free sequence boundaries
+    # in position_ids, and packed samples would attend to each other
+    model.config.use_cache = False
     emb_mods, emb_why = embedding_modules(recipe, model, tokenizer.eos_token_id)
     if recipe.from_adapter:
         model = continue_adapter(model, recipe.from_adapter, model_dir)

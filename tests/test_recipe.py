@@ -68,7 +68,9 @@ def test_recipe_maps_into_bnb_lora_and_sft_configs(name, tiny_dir, tmp_path):
     t = rec.training
     assert s.optim == "paged_adamw_8bit"
     assert s.learning_rate == t.learning_rate and s.num_train_epochs == t.num_train_epochs
-    assert s.max_length == t.max_length and s.save_steps == t.save_steps and s.eval_steps == t.eval_steps
+    # padding-free: qlora-kit truncates to max_length itself (and reports it), TRL need not
+    assert s.padding_free and not s.packing and s.max_length is None
+    assert s.save_steps == t.save_steps and s.eval_steps == t.eval_steps
     assert s.per_device_train_batch_size == t.per_device_train_batch_size
     assert s.gradient_accumulation_steps == t.gradient_accumulation_steps
     assert s.activation_checkpointing is True and s.eval_strategy == "steps"
