@@ -92,3 +92,16 @@ def test_cli_plan_offline(tmp_path, qwen_slice):
     r = subprocess.run([sys.executable, "-m", "qlora_kit.cli", "plan", "legal", "--base-model", "nobody/none"],
                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert r.returncode == 2 and "cannot get the config" in r.stderr
+
+
+def test_bench_train_runs_on_cpu(tmp_path):
+    """The benchmark itself: both variants train through the real 4-bit path and a result is written."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "QLORA_KIT_CACHE": str(tmp_path / "cache")}
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_train.py"), "--warmup", "1", "--steps", "3",
+                        "--batch", "2", "--max-length", "64", "--out", str(tmp_path)], capture_output=True, text=True,
+                       timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(next(tmp_path.glob("bench_train-*.json")).read_text())
+    assert out["results"]["plain"]["non_pad_tokens_per_step"] == out["results"]["qlora-kit"]["non_pad_tokens_per_step"]
+    assert out["speedup_tokens_per_s"] > 0 and out["measured_peak_gib"].startswith("not measured")
+    assert out["saved_for_backward_measured_bytes"] > 0
