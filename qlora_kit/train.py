@@ -30,6 +30,9 @@ def sft_config(recipe: Recipe, run_dir: Path, has_eval: bool):
 
     t = recipe.training
     dtype = compute_dtype(recipe)
+    if t.activation_offloading and not has_gpu():
+        raise UserError("training.activation_offloading moves activations from GPU to CPU memory; there is no GPU here",
+                        "set training.activation_offloading: false")
     return SFTConfig(
         output_dir=str(run_dir / rundir.CHECKPOINTS),
         num_train_epochs=t.num_train_epochs,

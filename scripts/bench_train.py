@@ -135,6 +135,33 @@ def run_variant(name: str, model_dir: Path, rows, args, work: Path) -> dict:
     return res
 
 
+def longest_context(model_dir: Path, cfg: dict, args, work: Path) -> dict:
+    """Binary search of the longest max_length that trains (3 steps, micro-batch 1) per variant at the cap."""
+    import copy
+
+    from qlora_kit.resilience import is_oom
+
+    found = {}
+    for name in ("plain", "qlora-kit"):
+        lo, hi = 512, cfg.get("max_position_embeddings") or 131072
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            a = copy.copy(args)
+            a.max_length, a.batch, a.warmup, a.steps = mid, 1, 1, 2
+            try:
+                run_variant(name, model_dir, samples(3, cfg["vocab_size"], mid, seed=1), a, work)
+                lo = mid
+            except Exception as e:  # noqa: BLE001 - only out-of-memory is an answer here
+                if not is_oom(e):
+                    raise
+                hi = mid - 1
+            import torch
+
+            torch.cuda.empty_cache()
+        found[name] = lo
+    return found
+
+
 def saved_bytes(trainer, batch_rows) -> int:
     """Bytes autograd keeps for backward in one training forward (unique storages), counted with
     saved_tensors_hooks: with checkpointing, essentially the layer inputs the planner predicts."""
@@ -181,6 +208,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cap-gib", type=float, default=None, help="simulate a smaller card on a GPU")
+    ap.add_argument("--longest", action="store_true", help="GPU: search the longest trainable max_length at micro-batch 1")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args()
 
@@ -203,6 +231,7 @@ def main() -> None:
     rows = samples(args.batch * (args.warmup + args.steps), cfg["vocab_size"], args.max_length)
     results = {name: run_variant(name, model_dir, rows, args, work) for name in ("plain", "qlora-kit")}
     ratio = results["qlora-kit"]["tokens_per_s_median"] / results["plain"]["tokens_per_s_median"]
+    longest = longest_context(model_dir, cfg, args, work) if args.longest and has_gpu() else None
     shape = plan.Shape.from_config(cfg)
     parts = plan.estimate(shape, r=16, target="attention", max_length=args.max_length, micro_batch=args.batch)
     predicted = sum(parts.values())
@@ -218,6 +247,7 @@ def main() -> None:
            "saved_for_backward_measured_bytes": results["qlora-kit"]["saved_for_backward_bytes"],
            "saved_for_backward_planner_bytes": pred_saved,
            "measured_peak_gib": results["qlora-kit"].get("peak_allocated_gib", "not measured (no GPU)"),
+           "longest_context": longest if longest is not None else "not measured (needs a GPU and --longest)",
            "versions": versions(), "date": now(), "threads": args.threads}
     _ = Recipe  # the recipe schema validates every variant above
     args.out.mkdir(parents=True, exist_ok=True)

@@ -93,3 +93,21 @@ def test_liger_is_gpu_only(tiny_dir, qa_file):
     rec.training.liger_kernel = True
     with pytest.raises(UserError, match="liger"):
         use_liger(rec)
+
+
+@pytest.mark.parametrize("switch", [{"attn_implementation": "eager"}, {"upcast_embeddings": True},
+                                    {"gradient_checkpointing": False}])
+def test_switches_keep_the_loss(tiny_dir, uneven, tmp_path, switch):
+    """Each switch against the default path: the same losses (fp32 on CPU, so within rounding)."""
+    base = make_recipe(str(tiny_dir), uneven, max_steps=3, early_stopping_patience=0)
+    other = make_recipe(str(tiny_dir), uneven, max_steps=3, early_stopping_patience=0, **switch)
+    a = _losses(train.run(base, str(tmp_path / "default")))
+    b = _losses(train.run(other, str(tmp_path / "switched")))
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-3, (switch, a, b)
+
+
+def test_activation_offloading_needs_a_gpu(tiny_dir, qa_file, tmp_path):
+    from qlora_kit.errors import UserError
+
+    with pytest.raises(UserError, match="no GPU here"):
+        train.run(make_recipe(str(tiny_dir), qa_file, max_steps=2, activation_offloading=True), str(tmp_path / "r"))
