@@ -154,6 +154,10 @@ def run(recipe: Recipe, run_dir_arg: str | None = None, callbacks: list | None =
         console.print("[yellow]warning[/]: no CUDA GPU found; a multi-billion-parameter model trains on CPU "
                       "at a few tokens per second (use --base-model builtin:tiny to check the pipeline)")
     model_dir = resolve_base_model(recipe.base_model, recipe.revision, recipe.trust_remote_code, recipe.allow_pickle)
+    if recipe.training.activation_offloading and not has_gpu():  # refuse before anything is written
+        raise UserError("training.activation_offloading moves activations from GPU to CPU memory; there is no GPU here",
+                        "set training.activation_offloading: false")
+    use_liger(recipe)
 
     # 2b. will it fit? (from the config alone; the planner's components are in `qlora-kit plan`)
     from . import plan as plan_mod

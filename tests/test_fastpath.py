@@ -111,3 +111,4 @@ def test_activation_offloading_needs_a_gpu(tiny_dir, qa_file, tmp_path):
 
     with pytest.raises(UserError, match="no GPU here"):
         train.run(make_recipe(str(tiny_dir), qa_file, max_steps=2, activation_offloading=True), str(tmp_path / "r"))
+    assert not (tmp_path / "r").exists()
