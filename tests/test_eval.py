@@ -23,7 +23,7 @@ def test_stories260k_learns_held_out_extraction(stories_dir, tmp_path):
     """The proof, small: a real pretrained model, held-out combinations, a large real margin."""
     import proof_stories
 
-    res = proof_stories.run(tmp_path, n_rows=200, steps=70, limit=12)
+    res = proof_stories.run(tmp_path, n_rows=200, steps=100, limit=12)
     b, t = res["summary"]["base"], res["summary"]["tuned"]
     print(json.dumps({"base": b, "tuned": t}, indent=1))
     assert t["json_valid"] >= 0.8 and b["json_valid"] <= 0.2
