@@ -108,9 +108,8 @@ def run(run_dir: str | Path, out: str | Path | None = None, dtype: str = "bf16",
     console.print(f"merge: dequantizing the NF4 base to {str(work).replace('torch.', '')} and merging LoRA")
     base = load_4bit(base_path, recipe)
     base = base.dequantize(dtype=work)
-    for attr in ("hf_quantizer",):
-        if hasattr(base, attr):
-            delattr(base, attr)
+    if hasattr(base, "hf_quantizer"):
+        del base.hf_quantizer
     if hasattr(base.config, "quantization_config"):
         del base.config.quantization_config
     base.config.dtype = work

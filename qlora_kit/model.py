@@ -48,9 +48,8 @@ def bnb_config(recipe: Recipe):
 
 def quiet_libraries() -> None:
     """Keep the terminal for qlora-kit's own messages: no per-file progress bars, no known warnings."""
-    import warnings
-
     import logging
+    import warnings
 
     import datasets
     import transformers

@@ -76,6 +76,19 @@ class Shape:
             raise UserError(f"the model config has no {e.args[0]}; plan supports decoder-only transformers "
                             "(Llama, Qwen2, Mistral, ...)") from None
 
+    def adapted(self, target) -> list[str]:
+        """The linear layers of a block that LoRA adapts for a recipe's target_modules."""
+        lin = self.linears()
+        if target == "all-linear":
+            return list(lin)
+        if target == "attention":
+            return ["q_proj", "k_proj", "v_proj", "o_proj"]
+        return [t for t in target if t in lin]
+
+    def lora_params(self, r: int, target) -> int:
+        lin = self.linears()
+        return sum(r * (lin[t][0] + lin[t][1]) for t in self.adapted(target)) * self.layers
+
     def linears(self) -> dict[str, tuple[int, int]]:
         """(in, out) of each linear layer in one decoder block."""
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
@@ -116,13 +129,7 @@ def estimate(shape: Shape, *, r: int, target: str | list, max_length: int, micro
     blocks = n4 / 64
     consts = (blocks * 1 + blocks / 256 * 4) if double_quant else blocks * 4
     emb = shape.vocab * shape.hidden * 2 * (1 if shape.tied else 2)
-    if target == "all-linear":
-        adapted = list(lin)
-    elif target == "attention":
-        adapted = ["q_proj", "k_proj", "v_proj", "o_proj"]
-    else:
-        adapted = [t for t in target if t in lin]
-    n_lora = sum(r * (lin[t][0] + lin[t][1]) for t in adapted) * shape.layers
+    n_lora = shape.lora_params(r, target)
     tokens = micro_batch * max_length / max(padding_efficiency, 1e-6)
     h, i = shape.hidden, shape.intermediate
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
@@ -205,10 +212,7 @@ def make(recipe, model_spec: str | None = None, gpu_memory: int = 24 * GiB, max_
             lo_len = mid
         else:
             hi_len = mid - 1
-    lin = shape.linears()
-    adapted = list(lin) if lo.target_modules == "all-linear" else (["q_proj", "k_proj", "v_proj", "o_proj"]
-                                                                    if lo.target_modules == "attention" else lo.target_modules)
-    n_lora = sum(lo.r * (lin[a][0] + lin[a][1]) for a in adapted if a in lin) * shape.layers
+    n_lora = shape.lora_params(lo.r, lo.target_modules)
     return Plan(spec, source, gpu_memory, T, t.per_device_train_batch_size, parts, total, total <= gpu_memory,
                 best_b, lo_len, n_lora)
 

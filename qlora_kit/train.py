@@ -30,9 +30,6 @@ def sft_config(recipe: Recipe, run_dir: Path, has_eval: bool):
 
     t = recipe.training
     dtype = compute_dtype(recipe)
-    if t.activation_offloading and not has_gpu():
-        raise UserError("training.activation_offloading moves activations from GPU to CPU memory; there is no GPU here",
-                        "set training.activation_offloading: false")
     return SFTConfig(
         output_dir=str(run_dir / rundir.CHECKPOINTS),
         num_train_epochs=t.num_train_epochs,
@@ -79,6 +76,15 @@ def sft_config(recipe: Recipe, run_dir: Path, has_eval: bool):
         completion_only_loss=None,  # labels are built here, answer-only; TRL keeps a given labels column
         assistant_only_loss=False,
     )
+
+
+def check_device_switches(recipe: Recipe) -> None:
+    from .model import has_gpu
+
+    if recipe.training.activation_offloading and not has_gpu():
+        raise UserError("training.activation_offloading moves activations from GPU to CPU memory; there is no GPU here",
+                        "set training.activation_offloading: false")
+    use_liger(recipe)
 
 
 def use_liger(recipe: Recipe) -> bool:
@@ -154,18 +160,15 @@ def run(recipe: Recipe, run_dir_arg: str | None = None, callbacks: list | None =
         console.print("[yellow]warning[/]: no CUDA GPU found; a multi-billion-parameter model trains on CPU "
                       "at a few tokens per second (use --base-model builtin:tiny to check the pipeline)")
     model_dir = resolve_base_model(recipe.base_model, recipe.revision, recipe.trust_remote_code, recipe.allow_pickle)
-    if recipe.training.activation_offloading and not has_gpu():  # refuse before anything is written
-        raise UserError("training.activation_offloading moves activations from GPU to CPU memory; there is no GPU here",
-                        "set training.activation_offloading: false")
-    use_liger(recipe)
+    check_device_switches(recipe)  # GPU-only switches are refused before anything is written
 
     # 2b. will it fit? (from the config alone; the planner's components are in `qlora-kit plan`)
     from . import plan as plan_mod
 
     try:
-        import torch as _torch
+        import torch
 
-        budget = _torch.cuda.mem_get_info()[1] if has_gpu() else 24 * plan_mod.GiB
+        budget = torch.cuda.mem_get_info()[1] if has_gpu() else 24 * plan_mod.GiB
         p = plan_mod.make(recipe, model_dir, budget)
         where = "this GPU" if has_gpu() else "a 24 GiB GPU (this run is on CPU)"
         console.print(f"memory plan: about {p.total / plan_mod.GiB:.1f} GiB peak on {where}", highlight=False)
