@@ -9,7 +9,7 @@ CPU_TORCH ?= torch==2.13.0
 RUNS   ?= runs/smoke
 STAMP  := $(VENV)/.installed
 
-.PHONY: install smoke-test test clean
+.PHONY: install browser smoke-test test clean
 
 install: $(STAMP)
 
@@ -18,7 +18,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	if ! command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install --quiet "$(CPU_TORCH)"; fi
 	$(BIN)/pip install --quiet -e ".[dev]"
+	$(MAKE) --no-print-directory browser
 	touch $(STAMP)
+
+# The UI's browser test drives Debian's Chromium through Playwright. Installed where we can (root
+# with apt); elsewhere that test skips and says why. Never fails the install.
+browser:
+	@if command -v chromium >/dev/null 2>&1; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Debian chromium for the UI browser test"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
+	    || echo "could not install chromium: the UI browser test will skip"; \
+	else echo "chromium not installed (needs root + apt): the UI browser test will skip"; fi
 
 # Trains every recipe for a few steps in 4-bit on the built-in tiny model, merges one, generates.
 smoke-test: $(STAMP)

@@ -65,6 +65,9 @@ def train_cmd(
     from_adapter: Optional[Path] = typer.Option(None, "--from-adapter", help="continue training this run's adapter on new data"),
     force: bool = typer.Option(False, "--force", help="start an existing --run-dir over instead of resuming it"),
     auto_batch: bool = typer.Option(False, "--auto-batch", help="on CUDA out-of-memory, halve the micro-batch and retry"),
+    gpus: Optional[int] = typer.Option(None, "--gpus", help="data-parallel training on N GPUs (torchrun, DDP)"),
+    fsdp: bool = typer.Option(False, "--fsdp", help="with --gpus: shard the 4-bit base across the GPUs (FSDP QLoRA)"),
+    cpu_processes: Optional[int] = typer.Option(None, "--cpu-processes", help="the data-parallel path on N CPU processes (gloo; slow, for testing)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved recipe as YAML and exit"),
 ) -> None:
     """Fine-tune a 4-bit base model with LoRA on a Q/A file."""
@@ -86,10 +89,45 @@ def train_cmd(
     if dry_run:
         sys.stdout.write(resolved.to_yaml())
         return
+    if gpus or cpu_processes or fsdp:
+        from . import distributed
+
+        if distributed.world().size == 1:  # the launcher; workers (under torchrun) train below
+            sys.exit(_launch_parallel(resolved, run_dir, gpus, cpu_processes, fsdp, force, auto_batch))
     from . import train
 
     path = train.run(resolved, str(run_dir) if run_dir else None, force=force, auto_batch=auto_batch)
-    print(path)
+    if "QLORA_KIT_PARALLEL" not in os.environ:  # our launcher prints the path once, not each worker
+        print(path)
+
+
+def _launch_parallel(resolved, run_dir: Optional[Path], gpus: Optional[int], cpu_processes: Optional[int],
+                     fsdp: bool, force: bool, auto_batch: bool) -> int:
+    """Start N workers that each run this same `train` on the resolved recipe and one run directory."""
+    import tempfile
+
+    from . import distributed, rundir
+
+    if gpus and cpu_processes:
+        raise UserError("--gpus and --cpu-processes exclude each other", "pass one of them")
+    if fsdp and not (gpus or cpu_processes):
+        raise UserError("--fsdp shards the model across GPUs", "pass --gpus N with it")
+    n = gpus or cpu_processes
+    distributed.check_request(n, cpu=bool(cpu_processes), fsdp=fsdp)
+    # the workers must agree on one directory: choose it here (a new, empty one unless given)
+    target = run_dir or rundir.new_run_dir(resolved.output_dir, resolved.name, None)
+    with tempfile.TemporaryDirectory(prefix="qlora-kit-launch-") as tmp:
+        recipe_file = Path(tmp) / f"{resolved.name}.yaml"
+        recipe_file.write_text(resolved.to_yaml(), encoding="utf-8")
+        argv = [str(recipe_file), "--run-dir", str(target)] + (["--force"] if force else []) + \
+            (["--auto-batch"] if auto_batch else [])
+        threads = max(1, (os.cpu_count() or 2) // n) if cpu_processes else None
+        code = distributed.launch(argv, n, "fsdp" if fsdp else "ddp", cpu_threads=threads)
+    if code == 0:
+        print(target)
+    else:
+        distributed.mark_failed(Path(target), code)
+    return code
 
 
 @app.command("plan")
@@ -185,6 +223,63 @@ def chat_cmd(
         chat.one_shot(engine, prompt, max_new_tokens)
     else:
         chat.repl(engine, max_new_tokens, err)
+
+
+@app.command("serve")
+def serve_cmd(
+    run_dirs: list[Path] = typer.Argument(None, help="run directories; each adapter is served under its folder name"),
+    adapter: list[str] = typer.Option([], "--adapter", help="NAME=RUN_DIR, repeatable: serve an adapter under NAME"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to bind (default: this machine only)"),
+    port: int = typer.Option(8000, "--port"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="require `Authorization: Bearer KEY` (also QLORA_KIT_API_KEY)"),
+    api_key_file: Optional[Path] = typer.Option(None, "--api-key-file", help="read the API key from this file"),
+    engine: str = typer.Option("hf", "--engine", help="hf (transformers, 4-bit) | vllm (GPU, multi-LoRA)"),
+    max_tokens: int = typer.Option(256, "--max-tokens", help="default completion length when a request gives none"),
+) -> None:
+    """OpenAI-compatible API (/v1/models, /v1/chat/completions) for several adapters on one base."""
+    from . import serve
+
+    key = api_key or os.environ.get("QLORA_KIT_API_KEY")
+    if api_key_file is not None:
+        try:
+            key = api_key_file.expanduser().read_text(encoding="utf-8").strip()
+        except OSError as e:
+            raise UserError(f"--api-key-file {api_key_file}: {e.strerror}", "pass a readable file holding the key") from None
+        if not key:
+            raise UserError(f"--api-key-file {api_key_file} is empty", "write the key into it")
+    runs = [str(p) for p in (run_dirs or [])] + list(adapter)
+    if not runs:
+        raise UserError("no run directory given", "qlora-kit serve RUN_DIR [RUN_DIR ...] or --adapter NAME=RUN_DIR")
+    serve.main(runs, host=host, port=port, api_key=key, engine=engine, max_tokens=max_tokens)
+
+
+@app.command("export")
+def export_cmd(
+    run_dir: Path = typer.Argument(..., help="a run directory from `qlora-kit train` (or a merged model folder)"),
+    fmt: str = typer.Option("gguf", "--format", help="gguf (llama.cpp, Ollama) | peft (a vLLM-ready adapter)"),
+    dtype: str = typer.Option("f16", "--dtype", help="GGUF tensor type: f16 | bf16 | q8_0 | f32"),
+    out: Optional[Path] = typer.Option(None, "--out", help="output file or folder (default: under RUN_DIR/export/)"),
+) -> None:
+    """Export the tuned model: a GGUF file of the merged model, or the adapter for vLLM."""
+    from . import export
+
+    report = export.run(run_dir, fmt, out, dtype)
+    for w in report.get("warnings", []):
+        err.print(f"[yellow]warning[/]: {w}", highlight=False)
+    print(report["out"])
+
+
+@app.command("ui")
+def ui_cmd(
+    runs: Path = typer.Option(Path("runs"), "--runs", help="folder holding the run directories"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to bind; any other than loopback needs --token-file"),
+    port: int = typer.Option(7860, "--port"),
+    token_file: Optional[Path] = typer.Option(None, "--token-file", help="file holding the access token (required off loopback)"),
+) -> None:
+    """A local web page to start, watch, compare and try fine-tunes."""
+    from . import ui
+
+    ui.main(runs, host=host, port=port, token_file=token_file)
 
 
 data_app = typer.Typer(help="Check, redact and generate training data.", no_args_is_help=True)
@@ -286,9 +381,10 @@ def main() -> None:
     try:
         app()
     except UserError as e:
-        err.print(f"[bold red]error[/]: {e.message}", highlight=False)
-        if e.hint:
-            err.print(f"  [bold]fix[/]: {e.hint}", highlight=False)
+        if os.environ.get("RANK", "0") == "0":  # data-parallel workers: rank 0 speaks for all
+            err.print(f"[bold red]error[/]: {e.message}", highlight=False)
+            if e.hint:
+                err.print(f"  [bold]fix[/]: {e.hint}", highlight=False)
         sys.exit(getattr(e, "exit_code", 2))
     except KeyboardInterrupt:
         err.print("interrupted")

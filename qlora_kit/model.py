@@ -37,12 +37,20 @@ def compute_dtype(recipe: Recipe) -> torch.dtype:
 def bnb_config(recipe: Recipe):
     from transformers import BitsAndBytesConfig
 
+    from .distributed import world
+
     q = recipe.quantization
+    extra = {}
+    if world().strategy == "fsdp":
+        # FSDP shards flat tensors of one dtype: store the packed 4-bit weights as the compute
+        # dtype (same bytes, another view) instead of uint8, so they shard with everything else
+        extra["bnb_4bit_quant_storage"] = compute_dtype(recipe)
     return BitsAndBytesConfig(
         load_in_4bit=q.load_in_4bit,
         bnb_4bit_quant_type=q.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant,
         bnb_4bit_compute_dtype=compute_dtype(recipe),
+        **extra,
     )
 
 
@@ -194,6 +202,17 @@ def pin_exact_cpu_kernels(model: nn.Module) -> int:
     return n
 
 
+def _device_map():
+    """One whole model per process: GPU `LOCAL_RANK` (0 without torchrun), or the CPU. FSDP loads
+    without a device map and places the shards itself."""
+    from .distributed import world
+
+    w = world()
+    if w.strategy == "fsdp":
+        return None
+    return {"": w.local_rank} if has_gpu() else {"": "cpu"}
+
+
 def load_4bit(model_dir: str, recipe: Recipe):
     from transformers import AutoModelForCausalLM
 
@@ -203,7 +222,7 @@ def load_4bit(model_dir: str, recipe: Recipe):
             model_dir,
             quantization_config=bnb_config(recipe),
             dtype=dtype,
-            device_map={"": 0} if has_gpu() else {"": "cpu"},
+            device_map=_device_map(),
             trust_remote_code=recipe.trust_remote_code,
             use_safetensors=None if recipe.allow_pickle else True,
             attn_implementation=recipe.training.attn_implementation,

@@ -37,13 +37,16 @@ def _step(p: Path) -> int:
         return -1
 
 
-def last_complete_checkpoint(checkpoints: Path, console=None) -> Path | None:
-    """The newest checkpoint with a marker; newer unmarked (half-written) folders are removed."""
+def last_complete_checkpoint(checkpoints: Path, console=None, remove: bool = True) -> Path | None:
+    """The newest checkpoint with a marker; newer unmarked (half-written) folders are removed
+    (by one process only: `remove=False` on the other data-parallel workers)."""
     if not checkpoints.is_dir():
         return None
     for p in sorted(checkpoints.glob("checkpoint-*"), key=_step, reverse=True):
         if (p / MARKER).is_file():
             return p
+        if not remove:
+            continue
         if console is not None:
             console.print(f"[yellow]removing incomplete checkpoint[/] {p.name} (interrupted while it was written)")
         shutil.rmtree(p, ignore_errors=True)
@@ -80,8 +83,12 @@ class CompleteMarker(TrainerCallback):
     def on_save(self, args, state, control, model=None, **kw):
         import torch
 
+        from . import distributed
         from .rundir import write_json
 
+        distributed.barrier()  # every data-parallel worker has written its part (its RNG state)
+        if not state.is_world_process_zero:
+            return
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if not ckpt.is_dir():
             return
@@ -119,6 +126,10 @@ class Interrupt(TrainerCallback):
         return False
 
     def on_step_end(self, args, state, control, **kw):
+        from . import distributed
+
+        # data-parallel workers must stop at the same step, or the others wait forever in all-reduce
+        self.requested = distributed.any_rank(self.requested)
         if self.requested:
             control.should_save = True
             control.should_training_stop = True
@@ -160,10 +171,12 @@ class DiskGuard(TrainerCallback):
     def on_step_end(self, args, state, control, **kw):
         if not control.should_save:
             return
+        from . import distributed
+
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(self.checkpoints).free
         need = self.needed()
-        if free < need:
+        if distributed.any_rank(free < need):
             self.short = (free, need)
             control.should_save = False
             control.should_training_stop = True

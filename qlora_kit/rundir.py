@@ -108,6 +108,12 @@ def _fmt(v) -> str:
     return f"{v:.4f}" if isinstance(v, float) else ("–" if v is None else str(v))
 
 
+def _parallel_row(d: dict) -> str:
+    return (f"| data parallel | {d['strategy'].upper()} over {d['processes']} processes ({d['backend']}): per process "
+            f"{d['per_device_train_batch_size']}x{d['gradient_accumulation_steps']}, effective batch "
+            f"{d['effective_batch']}, lr {d['learning_rate']:g}; {d['note']} |")
+
+
 def write_card(run_dir: Path, info: dict, recipe, metrics: dict) -> None:
     t, lo, q = recipe.training, recipe.lora, recipe.quantization
     la = info.get("lora", {"modules": "?", "trainable_params": 0})
@@ -127,6 +133,7 @@ def write_card(run_dir: Path, info: dict, recipe, metrics: dict) -> None:
         f"| quantization | 4-bit {q.bnb_4bit_quant_type}, double quant {q.bnb_4bit_use_double_quant}, compute {info['compute_dtype']} |",
         f"| LoRA | r={lo.r}, alpha={lo.lora_alpha}, dropout={lo.lora_dropout}, {la['modules']} modules, {la['trainable_params']:,} trainable params |",
         f"| training | lr={t.learning_rate}, epochs={t.num_train_epochs}, max_steps={t.max_steps}, batch={t.per_device_train_batch_size}x{t.gradient_accumulation_steps}, max_length={t.max_length}, optim={t.optim} |",
+        *([_parallel_row(info["distributed"])] if info.get("distributed") else []),
         f"| steps | {metrics.get('global_step', '–')} |",
         f"| final train loss | {_fmt(metrics.get('train_loss'))} |",
         f"| final eval loss | {_fmt(metrics.get('eval_loss'))} |",

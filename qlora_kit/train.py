@@ -10,13 +10,14 @@ import math
 import os
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
 
+from . import rundir
 from .errors import UserError
 from .recipe import Recipe
-from . import rundir
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -28,8 +29,12 @@ def sft_config(recipe: Recipe, run_dir: Path, has_eval: bool):
 
     from .model import compute_dtype, has_gpu
 
+    from . import distributed
+
     t = recipe.training
     dtype = compute_dtype(recipe)
+    w = distributed.world()
+    batch = distributed.batch_plan(t.per_device_train_batch_size, t.gradient_accumulation_steps, w.size, t.learning_rate)
     return SFTConfig(
         output_dir=str(run_dir / rundir.CHECKPOINTS),
         num_train_epochs=t.num_train_epochs,
@@ -37,7 +42,10 @@ def sft_config(recipe: Recipe, run_dir: Path, has_eval: bool):
         learning_rate=t.learning_rate,
         per_device_train_batch_size=t.per_device_train_batch_size,
         per_device_eval_batch_size=t.per_device_eval_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        gradient_accumulation_steps=batch["gradient_accumulation_steps"],
+        # LoRA reaches every adapted layer in every step: no search for unused parameters
+        ddp_find_unused_parameters=False if w.strategy == "ddp" else None,
+        **(fsdp_args(recipe) if w.strategy == "fsdp" else {}),
         max_length=None if (t.padding_free and not t.packing) else t.max_length,
         warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of the total steps in transformers 5
         lr_scheduler_type=t.lr_scheduler_type,
@@ -76,6 +84,24 @@ def sft_config(recipe: Recipe, run_dir: Path, has_eval: bool):
         completion_only_loss=None,  # labels are built here, answer-only; TRL keeps a given labels column
         assistant_only_loss=False,
     )
+
+
+def fsdp_args(recipe: Recipe) -> dict:
+    """FSDP QLoRA (a base too large for one card): the 4-bit weights are stored in the compute
+    dtype (model.bnb_config), so FSDP can flatten and shard them with the LoRA weights."""
+    return {
+        "fsdp": "full_shard auto_wrap",
+        "fsdp_config": {
+            "backward_prefetch": "backward_pre",
+            "forward_prefetch": False,
+            "use_orig_params": False,
+            "cpu_ram_efficient_loading": True,  # rank 0 loads the weights, the others receive them
+            "sync_module_states": True,
+            "activation_checkpointing": recipe.training.gradient_checkpointing,
+        },
+        # FSDP does its own checkpointing of wrapped blocks; the Trainer's would run twice
+        "activation_checkpointing": False,
+    }
 
 
 def check_device_switches(recipe: Recipe) -> None:
@@ -138,51 +164,90 @@ def check_adapter(model) -> str:
     return f"ok: {n_b} LoRA B matrices, {n_b - zero_b} non-zero, all weights finite"
 
 
-def run(recipe: Recipe, run_dir_arg: str | None = None, callbacks: list | None = None, *,
-        force: bool = False, auto_batch: bool = False) -> Path:
-    """Train and return the run directory. `callbacks` are extra TrainerCallbacks (tests use them to
-    look at the live model; nothing in qlora-kit needs them)."""
-    t0 = time.time()
+@dataclass
+class Preflight:
+    """What `train` checks before it writes anything; the UI shows it before it starts a run."""
+    prep: object  # datacheck.Prepared
+    model_dir: str
+    plan: dict | None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def report(self) -> dict:
+        return self.prep.report
+
+
+def preflight(recipe: Recipe, quiet: bool = False) -> Preflight:
+    """Data read/check/split, base model resolution, GPU-only switches, memory plan. Raises the
+    UserError that `train` would raise, with the same message, and writes nothing."""
+    say = (lambda *a, **k: None) if quiet else console.print
     # 1. data: read, check, split (no model yet, so bad files fail in a second)
     from . import datacheck
 
     prep = datacheck.prepare(recipe)
     rep = prep.report
-    console.print(f"data: {rep['split']['train'] + rep['split']['eval']} conversations from {rep['file']} "
-                  f"({rep['format']}, {rep['encoding']}, {rep['layout']})")
+    say(f"data: {rep['split']['train'] + rep['split']['eval']} conversations from {rep['file']} "
+        f"({rep['format']}, {rep['encoding']}, {rep['layout']})")
     for row in (rep["bad_rows"] + rep["dropped"])[:5]:
-        console.print(f"  [yellow]dropped[/] {row['where']}: {row['reason']}", highlight=False)
+        say(f"  [yellow]dropped[/] {row['where']}: {row['reason']}", highlight=False)
 
     # 2. base model (a hub id offline fails here, before anything heavy)
     from .model import has_gpu, resolve_base_model
 
+    warnings = []
     if not has_gpu() and not recipe.base_model.startswith("builtin:") and not Path(recipe.base_model).is_dir():
-        console.print("[yellow]warning[/]: no CUDA GPU found; a multi-billion-parameter model trains on CPU "
-                      "at a few tokens per second (use --base-model builtin:tiny to check the pipeline)")
+        warnings.append("no CUDA GPU found; a multi-billion-parameter model trains on CPU at a few tokens per "
+                        "second (use --base-model builtin:tiny to check the pipeline)")
     model_dir = resolve_base_model(recipe.base_model, recipe.revision, recipe.trust_remote_code, recipe.allow_pickle)
     check_device_switches(recipe)  # GPU-only switches are refused before anything is written
 
     # 2b. will it fit? (from the config alone; the planner's components are in `qlora-kit plan`)
     from . import plan as plan_mod
 
+    plan = None
     try:
         import torch
 
         budget = torch.cuda.mem_get_info()[1] if has_gpu() else 24 * plan_mod.GiB
         p = plan_mod.make(recipe, model_dir, budget)
+        plan = p.to_dict()
         where = "this GPU" if has_gpu() else "a 24 GiB GPU (this run is on CPU)"
-        console.print(f"memory plan: about {p.total / plan_mod.GiB:.1f} GiB peak on {where}", highlight=False)
+        say(f"memory plan: about {p.total / plan_mod.GiB:.1f} GiB peak on {where}", highlight=False)
         if not p.fits:
-            console.print(f"[yellow]warning[/]: the estimate exceeds {budget / plan_mod.GiB:.0f} GiB; micro-batch "
-                          f"{p.best_micro_batch or 1} or max_length {p.longest_max_length:,} would fit "
-                          f"(`qlora-kit plan {recipe.name}` shows the components)", highlight=False)
+            warnings.append(f"the memory estimate exceeds {budget / plan_mod.GiB:.0f} GiB; micro-batch "
+                            f"{p.best_micro_batch or 1} or max_length {p.longest_max_length:,} would fit "
+                            f"(`qlora-kit plan {recipe.name}` shows the components)")
     except UserError as e:
-        console.print(f"memory plan unavailable: {e.message}", highlight=False)
+        say(f"memory plan unavailable: {e.message}", highlight=False)
+    return Preflight(prep, model_dir, plan, warnings)
+
+
+def run(recipe: Recipe, run_dir_arg: str | None = None, callbacks: list | None = None, *,
+        force: bool = False, auto_batch: bool = False) -> Path:
+    """Train and return the run directory. `callbacks` are extra TrainerCallbacks (tests use them to
+    look at the live model; nothing in qlora-kit needs them)."""
+    t0 = time.time()
+    from . import distributed
+
+    w = distributed.init()  # one process, or one of N data-parallel workers started by `--gpus N`
+    if w.size > 1 and run_dir_arg is None:
+        raise UserError("a data-parallel worker needs --run-dir (the launcher chooses it)", "start it with --gpus N")
+    pre = preflight(recipe, quiet=not w.main)
+    prep, rep, model_dir = pre.prep, pre.report, pre.model_dir
+    for w in pre.warnings:
+        console.print(f"[yellow]warning[/]: {w}", highlight=False)
 
     # 3. tokenizer and template; answer-only labels with EOS in the loss (cached by content)
     import torch
 
-    from .model import compute_dtype, load_tokenizer, prepare_tokenizer, quiet_libraries
+    from . import datacheck
+    from .model import (
+        compute_dtype,
+        has_gpu,
+        load_tokenizer,
+        prepare_tokenizer,
+        quiet_libraries,
+    )
 
     quiet_libraries()
     tokenizer = load_tokenizer(model_dir, recipe)
@@ -211,27 +276,39 @@ def run(recipe: Recipe, run_dir_arg: str | None = None, callbacks: list | None =
     resume_from = None
     existing = Path(run_dir_arg) if run_dir_arg else None
     reuse = existing is not None and rundir.is_run_dir(existing)
+    old = rundir.read_info(existing) if reuse else {}
+    distributed.barrier()  # every worker has looked at the directory before rank 0 writes to it
     if reuse:
-        old = rundir.read_info(existing)
         if force:
             console.print(f"--force: starting {existing} over")
-            for child in existing.iterdir():
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
+            if w.main:
+                for child in existing.iterdir():
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
         elif old.get("status") == "finished":
             raise UserError(f"{existing} is a finished run", "choose another --run-dir, or pass --force to train it again")
         else:
             resilience.check_resume(existing, old, load_saved(existing / "recipe.yaml"), recipe, model_dir, rep["sha256"])
-            resume_from = resilience.last_complete_checkpoint(existing / rundir.CHECKPOINTS, console)
+            was = (old.get("distributed") or {}).get("processes", 1)
+            if was != w.size:
+                raise UserError(f"{existing} was trained with {was} process{'es' if was != 1 else ''}, not {w.size}: "
+                                "the data order and the saved random states depend on it",
+                                f"resume with {'--gpus ' + str(was) if was > 1 else 'no --gpus'}, or pass --force to start over")
+            resume_from = resilience.last_complete_checkpoint(existing / rundir.CHECKPOINTS, console if w.main else None,
+                                                              remove=w.main)
             console.print(f"resuming {existing} from {resume_from.name if resume_from else 'the start (no complete checkpoint)'}")
-    run_dir = existing if reuse else rundir.new_run_dir(recipe.output_dir, recipe.name, run_dir_arg)
-    rundir.write_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
-    tokenizer.save_pretrained(run_dir / rundir.TOKENIZER)
+    if reuse:
+        run_dir = existing
+    elif w.main:
+        run_dir = rundir.new_run_dir(recipe.output_dir, recipe.name, run_dir_arg)
+    else:
+        run_dir = Path(run_dir_arg)
     dtype = compute_dtype(recipe)
     info = {
         "recipe": recipe.name,
         "base_model": recipe.base_model,
         "base_model_path": model_dir,
         "status": "running",
+        "pid": os.getpid(),  # a "running" run whose process is gone was killed: readers check this
         "started": rundir.now(),
         "device": torch.cuda.get_device_name(0) if has_gpu() else f"cpu ({torch.get_num_threads()} threads)",
         "compute_dtype": str(dtype).replace("torch.", ""),
@@ -252,8 +329,17 @@ def run(recipe: Recipe, run_dir_arg: str | None = None, callbacks: list | None =
         "resumed_from": resume_from.name if resume_from else None,
         "versions": rundir.versions(),
     }
-    rundir.write_json(run_dir / "run.json", info)
-    rundir.write_json(run_dir / "data_check.json", rep)  # built from redacted text when scrub_pii is on
+    if w.size > 1:
+        t = recipe.training
+        info["distributed"] = {"strategy": w.strategy, "backend": "nccl" if has_gpu() else "gloo",
+                               **distributed.batch_plan(t.per_device_train_batch_size, t.gradient_accumulation_steps,
+                                                        w.size, t.learning_rate)}
+        console.print(f"{w.strategy.upper()} over {w.size} processes: {info['distributed']['note']}", highlight=False)
+    if w.main:  # the one writer of the run directory
+        rundir.write_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
+        tokenizer.save_pretrained(run_dir / rundir.TOKENIZER)
+        rundir.write_json(run_dir / "run.json", info)
+        rundir.write_json(run_dir / "data_check.json", rep)  # built from redacted text when scrub_pii is on
     console.print(f"run directory: {run_dir}")
 
     attempt_recipe = recipe
@@ -300,6 +386,9 @@ def run(recipe: Recipe, run_dir_arg: str | None = None, callbacks: list | None =
                 f"not enough disk space for the next checkpoint in {run_dir} ({free / 2**20:.0f} MiB free, "
                 f"about {need / 2**20:.0f} MiB needed); the last complete checkpoint ({last.name if last else 'none'}) is usable",
                 "free disk space, then " + resume_cmd)
+        if not w.main:  # rank 0 saves the adapter and writes the results
+            distributed.finish()
+            return run_dir
         if attempt_recipe is not recipe:
             rundir.write_atomic(run_dir / "recipe.auto-batch.yaml", attempt_recipe.to_yaml())
 
@@ -329,11 +418,15 @@ def run(recipe: Recipe, run_dir_arg: str | None = None, callbacks: list | None =
                                       f"free disk space, then rerun the same command with --run-dir {run_dir} to resume")
         info.update(status="interrupted" if stopped else "failed",
                     finished=rundir.now(), error=f"{type(e).__name__}: {e}"[:500])
-        rundir.write_json(run_dir / "run.json", info)
-        rundir.write_card(run_dir, info, recipe, {})
+        if w.main:
+            rundir.write_json(run_dir / "run.json", info)
+            rundir.write_card(run_dir, info, recipe, {})
         if isinstance(e, resilience.RunStopped):
+            # an agreed stop (Ctrl-C, NaN, disk): no worker exits before rank 0 has written the status
+            distributed.finish()
             raise e from None
         raise
+    distributed.finish()
     ev_s = f", eval loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else ""
     console.print(f"[green]done[/]: {metrics['global_step']} steps, train loss {metrics['train_loss']:.4f}{ev_s}")
     return run_dir
@@ -343,15 +436,13 @@ def _fit(recipe: Recipe, model_dir: str, tokenizer, train_rows, eval_rows, run_d
          info: dict, callbacks):
     """Load the 4-bit base, attach LoRA (or continue an adapter), train. Returns (trainer, metrics, stops)."""
     import datasets
-    from transformers import PrinterCallback
+    from transformers import PrinterCallback, set_seed
     from transformers.integrations import TensorBoardCallback
     from trl import SFTTrainer
 
     from . import resilience
     from .model import attach_lora, embedding_modules, load_4bit
-    from .progress import RichProgress
-
-    from transformers import set_seed
+    from .progress import ProgressLog, RichProgress
 
     set_seed(recipe.training.seed)  # LoRA A is initialised randomly: same seed, same run (and resume)
     model = load_4bit(model_dir, recipe)
@@ -378,7 +469,11 @@ def _fit(recipe: Recipe, model_dir: str, tokenizer, train_rows, eval_rows, run_d
     # TRL casts the trainable weights of a quantized model to bf16. Keep exact fp32 master weights:
     # autocast still computes in bf16 on GPU, small optimizer updates are not rounded away, a
     # continued adapter starts from exactly its saved values, and on CPU LoRA stays in fp32.
-    exact = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+    # Not under FSDP: a flattened shard must hold one dtype, the storage dtype of the 4-bit weights.
+    from . import distributed
+
+    fsdp = distributed.world().strategy == "fsdp"
+    exact = {} if fsdp else {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
     stops = {"interrupt": resilience.Interrupt(console), "finite": resilience.FiniteLoss(),
              "disk": resilience.DiskGuard(run_dir / rundir.CHECKPOINTS, minimum_bytes=16 * trainable + (8 << 20))}
     trainer = SFTTrainer(
@@ -387,7 +482,7 @@ def _fit(recipe: Recipe, model_dir: str, tokenizer, train_rows, eval_rows, run_d
         train_dataset=datasets.Dataset.from_list(train_rows),
         eval_dataset=datasets.Dataset.from_list(eval_rows) if eval_rows else None,
         processing_class=tokenizer,
-        callbacks=[RichProgress(console), tensorboard, *early_stopping(recipe, bool(eval_rows)),
+        callbacks=[RichProgress(console), ProgressLog(run_dir / rundir.LOGS / "progress.jsonl"), tensorboard, *early_stopping(recipe, bool(eval_rows)),
                    stops["finite"], stops["disk"], stops["interrupt"], resilience.CompleteMarker(), *(callbacks or [])],
     )
     for n, p in trainer.model.named_parameters():
