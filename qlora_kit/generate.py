@@ -4,10 +4,15 @@ The one place that loads a trained model for inference: `generate`, `eval`, `cha
 `serve` and `ui`) all go through `Engine`, so every prompt is rendered exactly as in training.
 One 4-bit base holds any number of adapters; `use(name)` switches without reloading the base,
 `use(None)` answers with the base model itself.
+
+The model is shared, so selecting the adapter and generating happen under one lock as one unit:
+`generate(..., adapter="legal")` is safe from many threads at once (`serve`), while the older
+`use(name)` then `generate(messages)` pair still works for single-user callers (`chat`, `eval`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
@@ -27,11 +32,90 @@ class Adapter:
     system_prompt: str | None
 
 
+class _Current:
+    def __repr__(self) -> str:
+        return "CURRENT"
+
+
+CURRENT = _Current()  # generate(adapter=CURRENT): whatever `use()` selected last
+
+
 @dataclass
 class Result:
     text: str
     new_tokens: int
     seconds: float
+    prompt_tokens: int = 0
+    finish_reason: str = "stop"  # "stop" (end token or stop string) | "length" | "cancelled"
+
+
+def _flag(input_ids, value: bool):
+    import torch
+
+    return torch.full((input_ids.shape[0],), value, dtype=torch.bool, device=input_ids.device)
+
+
+class _Cancelled:
+    """StoppingCriteria: ends generation at the next token once `event` is set (client gone)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return _flag(input_ids, self.event.is_set())
+
+
+class _StopStrings:
+    """StoppingCriteria: ends generation once the new text contains a stop string.
+
+    Only a tail of the new tokens is decoded per step (a stop string ending at the latest token
+    lies within it; a token is at least one byte), so long answers do not cost quadratic decoding."""
+
+    def __init__(self, tokenizer, prompt_len: int, stop: list[str]):
+        self.tokenizer, self.prompt_len, self.stop = tokenizer, prompt_len, stop
+        self.window = 4 * max(len(x.encode("utf-8")) for x in stop) + 4
+        self.hit = False
+
+    def __call__(self, input_ids, scores, **kwargs):
+        new = input_ids[0, self.prompt_len:]
+        tail = self.tokenizer.decode(new[-self.window:], skip_special_tokens=True)
+        self.hit = self.hit or any(x in tail for x in self.stop)
+        return _flag(input_ids, self.hit)
+
+
+def cut_at_stop(text: str, stop: list[str] | None) -> tuple[str, bool]:
+    """The text before the earliest stop string, and whether one occurred."""
+    cuts = [i for i in (text.find(x) for x in stop or []) if i >= 0]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+class _StopFilter:
+    """Wraps on_text so streamed pieces never show a stop string or anything after it: text that
+    could be the start of a stop string is held back until it is known not to be one."""
+
+    def __init__(self, on_text, stop: list[str]):
+        self.on_text, self.stop, self.pending, self.done = on_text, stop, "", False
+
+    def __call__(self, piece: str) -> None:
+        if self.done:
+            return
+        self.pending += piece
+        text, hit = cut_at_stop(self.pending, self.stop)
+        if hit:
+            self.done = True
+            self.pending = ""
+            if text:
+                self.on_text(text)
+            return
+        keep = max((k for x in self.stop for k in range(1, len(x)) if self.pending.endswith(x[:k])), default=0)
+        out, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep:]
+        if out:
+            self.on_text(out)
+
+    def flush(self) -> None:
+        if self.pending and not self.done:
+            self.on_text(self.pending)
+        self.pending = ""
 
 
 @dataclass
@@ -45,7 +129,7 @@ class Engine:
     # --- loading ----------------------------------------------------------------------------------
 
     @classmethod
-    def from_runs(cls, runs: dict[str, str | Path]) -> "Engine":
+    def from_runs(cls, runs: dict[str, str | Path]) -> Engine:
         """One 4-bit base (the runs must share it) with each run's adapter loaded under its name."""
         from peft import PeftModel
         from transformers import AutoTokenizer
@@ -76,7 +160,7 @@ class Engine:
         return engine
 
     @classmethod
-    def from_merged(cls, path: str | Path) -> "Engine":
+    def from_merged(cls, path: str | Path) -> Engine:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from .model import quiet_libraries
@@ -101,56 +185,121 @@ class Engine:
 
     # --- switching and generating -----------------------------------------------------------------
 
-    def use(self, name: str | None) -> None:
-        """Switch adapter (None: the base model) without reloading anything."""
+    def _check(self, name: str | None) -> None:
         if name is not None and name not in self.adapters:
             raise UserError(f"no adapter named '{name}'", f"loaded: {', '.join(self.adapters)}")
-        if name is not None and self.kind == "adapter":
+
+    def use(self, name: str | None) -> None:
+        """Switch adapter (None: the base model) without reloading anything."""
+        self._check(name)
+        with self.lock:  # never switch under a generation running in another thread
+            self._select(name)
+            self.active = name
+
+    def _select(self, name: str | None) -> None:
+        # caller holds the lock; the base model is handled by disable_adapter() around generation
+        if name is not None and self.kind == "adapter" and self.model.active_adapter != name:
             self.model.set_adapter(name)
-        self.active = name
+
+    def template_for(self, name: str | None) -> Adapter:
+        """The adapter whose tokenizer, template and system prompt render prompts for `name`."""
+        # the base model answers with the first adapter's template: same prompt, fair comparison
+        return self.adapters[name] if name else next(iter(self.adapters.values()))
 
     @property
     def current(self) -> Adapter:
-        # the base model answers with the first adapter's template: same prompt, fair comparison
-        return self.adapters[self.active] if self.active else next(iter(self.adapters.values()))
+        return self.template_for(self.active)
 
-    def messages(self, question: str, history: list[dict] | None = None) -> list[dict]:
+    def messages(self, question: str, history: list[dict] | None = None, adapter=CURRENT) -> list[dict]:
         msgs = list(history or [])
-        sp = self.current.system_prompt
+        sp = self.template_for(self.active if adapter is CURRENT else adapter).system_prompt
         if sp and not any(m["role"] == "system" for m in msgs):
             msgs.insert(0, {"role": "system", "content": sp})
         return msgs + [{"role": "user", "content": question}]
 
-    def generate(self, messages: list[dict], max_new_tokens: int = 256, on_text=None) -> Result:
-        """Greedy completion of the last user turn; `on_text(str)` receives the answer as it streams."""
+    def generate(self, messages: list[dict], max_new_tokens: int = 256, on_text=None, *, adapter=CURRENT,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                 stop: list[str] | None = None, cancel: threading.Event | None = None) -> Result:
+        """Complete the last user turn; `on_text(str)` receives the answer as it streams.
+
+        `adapter`: a name, None for the base model, or CURRENT (what `use()` selected); it is
+        selected inside the lock, so concurrent calls with different adapters never cross.
+        temperature 0 is greedy; above 0 samples with `top_p` (and `seed`, if given). The text is
+        cut before the first `stop` string. Setting `cancel` ends the generation at the next token
+        (or before it starts, if still waiting for the lock) with finish_reason "cancelled".
+        An exception from `on_text` stops the generation and propagates; the lock is released.
+        """
         import contextlib
 
         import torch
-        from transformers import TextIteratorStreamer
+        from transformers import StoppingCriteriaList
 
-        a = self.current
-        text = a.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids = a.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids.to(self.model.device)
-        kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                      do_sample=False, eos_token_id=a.stop_ids, pad_token_id=a.tokenizer.pad_token_id)
-        base_off = self.model.disable_adapter() if (self.active is None and self.kind == "adapter") else contextlib.nullcontext()
-        with self.lock, base_off, torch.no_grad():  # one generation at a time on the shared model
-            t0 = time.perf_counter()
-            if on_text is None:
-                out = self.model.generate(**kwargs)
+        stop = [x for x in (stop or []) if x]
+        if adapter is not CURRENT:
+            self._check(adapter)
+        with self.lock:  # one generation at a time on the shared model, adapter chosen inside
+            name = self.active if adapter is CURRENT else adapter
+            a = self.template_for(name)
+            text = a.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            ids = a.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids.to(self.model.device)
+            n_prompt = int(ids.shape[1])
+            if cancel is not None and cancel.is_set():
+                return Result("", 0, 0.0, n_prompt, "cancelled")
+            self._select(name)
+            criteria = StoppingCriteriaList()
+            if cancel is not None:
+                criteria.append(_Cancelled(cancel))
+            stops = _StopStrings(a.tokenizer, n_prompt, stop) if stop else None
+            if stops:
+                criteria.append(stops)
+            kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "max_new_tokens": max_new_tokens,
+                      "eos_token_id": a.stop_ids, "pad_token_id": a.tokenizer.pad_token_id, "stopping_criteria": criteria}
+            if temperature and temperature > 0:
+                kwargs.update(do_sample=True, temperature=float(temperature), top_k=0,  # top_k 0: OpenAI has none
+                              top_p=1.0 if top_p is None else float(top_p))
             else:
-                streamer = TextIteratorStreamer(a.tokenizer, skip_prompt=True, skip_special_tokens=True)
-                result: dict = {}
-                th = threading.Thread(target=lambda: result.setdefault("out", self.model.generate(streamer=streamer, **kwargs)))
-                th.start()
-                for piece in streamer:
-                    on_text(piece)
-                th.join()
-                out = result["out"]
-            seconds = time.perf_counter() - t0
-        new = out[0, ids.shape[1]:]
-        return Result(a.tokenizer.decode(new, skip_special_tokens=True), int(new.shape[0]), seconds)
+                kwargs.update(do_sample=False)
+            sink = _StopFilter(on_text, stop) if (on_text is not None and stop) else on_text
+            if sink is not None:
+                # runs in this thread, inside generate(): nothing can be left blocked on a queue
+                kwargs["streamer"] = _streamer_class()(a.tokenizer, sink)
+            base_off = self.model.disable_adapter() if (name is None and self.kind == "adapter") else contextlib.nullcontext()
+            with base_off, torch.no_grad():
+                if seed is not None and kwargs["do_sample"]:
+                    torch.manual_seed(int(seed))  # global RNG, but only this generation runs now
+                t0 = time.perf_counter()
+                out = self.model.generate(**kwargs)
+                seconds = time.perf_counter() - t0
+            if isinstance(sink, _StopFilter):
+                sink.flush()
+        new = out[0, n_prompt:]
+        answer, hit = cut_at_stop(a.tokenizer.decode(new, skip_special_tokens=True), stop)
+        if cancel is not None and cancel.is_set():
+            reason = "cancelled"
+        elif hit or (new.shape[0] and int(new[-1]) in a.stop_ids):
+            reason = "stop"
+        else:
+            reason = "length" if new.shape[0] >= max_new_tokens else "stop"
+        return Result(answer, int(new.shape[0]), seconds, n_prompt, reason)
 
+
+@functools.cache
+def _streamer_class():
+    from transformers import TextStreamer
+
+    class CallbackStreamer(TextStreamer):
+        """TextStreamer's incremental decoding (whole words, whole UTF-8 characters), handed to a
+        callback instead of stdout or a queue."""
+
+        def __init__(self, tokenizer, on_text):
+            super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+            self._on_text = on_text
+
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            if text:
+                self._on_text(text)
+
+    return CallbackStreamer
 
 def load(path: str | Path) -> Engine:
     """A run directory (4-bit base + its adapter, as trained) or a merged model directory."""

@@ -229,13 +229,13 @@ def run(recipe: Recipe, run_dir_arg: str | None = None, callbacks: list | None =
     t0 = time.time()
     from . import distributed
 
-    w = distributed.init()  # one process, or one of N data-parallel workers started by `--gpus N`
-    if w.size > 1 and run_dir_arg is None:
+    world = distributed.init()  # one process, or one of N data-parallel workers started by `--gpus N`
+    if world.size > 1 and run_dir_arg is None:
         raise UserError("a data-parallel worker needs --run-dir (the launcher chooses it)", "start it with --gpus N")
-    pre = preflight(recipe, quiet=not w.main)
+    pre = preflight(recipe, quiet=not world.main)
     prep, rep, model_dir = pre.prep, pre.report, pre.model_dir
-    for w in pre.warnings:
-        console.print(f"[yellow]warning[/]: {w}", highlight=False)
+    for warning in pre.warnings:
+        console.print(f"[yellow]warning[/]: {warning}", highlight=False)
 
     # 3. tokenizer and template; answer-only labels with EOS in the loss (cached by content)
     import torch
@@ -253,8 +253,8 @@ def run(recipe: Recipe, run_dir_arg: str | None = None, callbacks: list | None =
     tokenizer = load_tokenizer(model_dir, recipe)
     tok_info = prepare_tokenizer(tokenizer, recipe, model_dir)
     datacheck.encode(prep, recipe, tokenizer, set(tok_info.stop_token_ids))
-    for w in rep["warnings"]:
-        console.print(f"[yellow]warning[/]: {w}", highlight=False)
+    for warning in rep["warnings"]:
+        console.print(f"[yellow]warning[/]: {warning}", highlight=False)
 
     def rows(idx):
         out = []
@@ -281,7 +281,7 @@ def run(recipe: Recipe, run_dir_arg: str | None = None, callbacks: list | None =
     if reuse:
         if force:
             console.print(f"--force: starting {existing} over")
-            if w.main:
+            if world.main:
                 for child in existing.iterdir():
                     shutil.rmtree(child) if child.is_dir() else child.unlink()
         elif old.get("status") == "finished":
@@ -289,16 +289,16 @@ def run(recipe: Recipe, run_dir_arg: str | None = None, callbacks: list | None =
         else:
             resilience.check_resume(existing, old, load_saved(existing / "recipe.yaml"), recipe, model_dir, rep["sha256"])
             was = (old.get("distributed") or {}).get("processes", 1)
-            if was != w.size:
-                raise UserError(f"{existing} was trained with {was} process{'es' if was != 1 else ''}, not {w.size}: "
+            if was != world.size:
+                raise UserError(f"{existing} was trained with {was} process{'es' if was != 1 else ''}, not {world.size}: "
                                 "the data order and the saved random states depend on it",
                                 f"resume with {'--gpus ' + str(was) if was > 1 else 'no --gpus'}, or pass --force to start over")
-            resume_from = resilience.last_complete_checkpoint(existing / rundir.CHECKPOINTS, console if w.main else None,
-                                                              remove=w.main)
+            resume_from = resilience.last_complete_checkpoint(existing / rundir.CHECKPOINTS, console if world.main else None,
+                                                              remove=world.main)
             console.print(f"resuming {existing} from {resume_from.name if resume_from else 'the start (no complete checkpoint)'}")
     if reuse:
         run_dir = existing
-    elif w.main:
+    elif world.main:
         run_dir = rundir.new_run_dir(recipe.output_dir, recipe.name, run_dir_arg)
     else:
         run_dir = Path(run_dir_arg)
@@ -329,13 +329,13 @@ def run(recipe: Recipe, run_dir_arg: str | None = None, callbacks: list | None =
         "resumed_from": resume_from.name if resume_from else None,
         "versions": rundir.versions(),
     }
-    if w.size > 1:
+    if world.size > 1:
         t = recipe.training
-        info["distributed"] = {"strategy": w.strategy, "backend": "nccl" if has_gpu() else "gloo",
+        info["distributed"] = {"strategy": world.strategy, "backend": "nccl" if has_gpu() else "gloo",
                                **distributed.batch_plan(t.per_device_train_batch_size, t.gradient_accumulation_steps,
-                                                        w.size, t.learning_rate)}
-        console.print(f"{w.strategy.upper()} over {w.size} processes: {info['distributed']['note']}", highlight=False)
-    if w.main:  # the one writer of the run directory
+                                                        world.size, t.learning_rate)}
+        console.print(f"{world.strategy.upper()} over {world.size} processes: {info['distributed']['note']}", highlight=False)
+    if world.main:  # the one writer of the run directory
         rundir.write_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
         tokenizer.save_pretrained(run_dir / rundir.TOKENIZER)
         rundir.write_json(run_dir / "run.json", info)
@@ -386,7 +386,7 @@ def run(recipe: Recipe, run_dir_arg: str | None = None, callbacks: list | None =
                 f"not enough disk space for the next checkpoint in {run_dir} ({free / 2**20:.0f} MiB free, "
                 f"about {need / 2**20:.0f} MiB needed); the last complete checkpoint ({last.name if last else 'none'}) is usable",
                 "free disk space, then " + resume_cmd)
-        if not w.main:  # rank 0 saves the adapter and writes the results
+        if not world.main:  # rank 0 saves the adapter and writes the results
             distributed.finish()
             return run_dir
         if attempt_recipe is not recipe:
@@ -418,7 +418,7 @@ def run(recipe: Recipe, run_dir_arg: str | None = None, callbacks: list | None =
                                       f"free disk space, then rerun the same command with --run-dir {run_dir} to resume")
         info.update(status="interrupted" if stopped else "failed",
                     finished=rundir.now(), error=f"{type(e).__name__}: {e}"[:500])
-        if w.main:
+        if world.main:
             rundir.write_json(run_dir / "run.json", info)
             rundir.write_card(run_dir, info, recipe, {})
         if isinstance(e, resilience.RunStopped):
