@@ -235,6 +235,7 @@ def serve_cmd(
     api_key_file: Optional[Path] = typer.Option(None, "--api-key-file", help="read the API key from this file"),
     engine: str = typer.Option("hf", "--engine", help="hf (transformers, 4-bit) | vllm (GPU, multi-LoRA)"),
     max_tokens: int = typer.Option(256, "--max-tokens", help="default completion length when a request gives none"),
+    max_queue: int = typer.Option(64, "--max-queue", help="requests allowed to wait; beyond that, 429 server_busy"),
 ) -> None:
     """OpenAI-compatible API (/v1/models, /v1/chat/completions) for several adapters on one base."""
     from . import serve
@@ -250,7 +251,7 @@ def serve_cmd(
     runs = [str(p) for p in (run_dirs or [])] + list(adapter)
     if not runs:
         raise UserError("no run directory given", "qlora-kit serve RUN_DIR [RUN_DIR ...] or --adapter NAME=RUN_DIR")
-    serve.main(runs, host=host, port=port, api_key=key, engine=engine, max_tokens=max_tokens)
+    serve.main(runs, host=host, port=port, api_key=key, engine=engine, max_tokens=max_tokens, max_queue=max_queue)
 
 
 @app.command("export")

@@ -341,12 +341,15 @@ def _listening(port: int) -> list[str]:
     return out
 
 
-def test_main_serves_on_loopback_by_default(tiny_run, injury_run):
+def test_main_serves_on_loopback_by_default(tiny_run, injury_run, tmp_path):
+    """The real command: `qlora-kit serve RUN --adapter NAME=RUN --port 0 --api-key-file F`."""
     assert inspect.signature(serve.main).parameters["host"].default == "127.0.0.1"
-    code = (f"from qlora_kit import serve; serve.main([{str(tiny_run[0])!r}, 'injury={injury_run}'], "
-            f"port=0, api_key={KEY!r}, max_tokens={N})")
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY + "\n")
+    cmd = [sys.executable, "-m", "qlora_kit.cli", "serve", str(tiny_run[0]), "--adapter", f"injury={injury_run}",
+           "--port", "0", "--api-key-file", str(key_file), "--max-tokens", str(N)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    p = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     lines: list[str] = []
     started = threading.Event()
 
