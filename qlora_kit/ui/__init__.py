@@ -1,0 +1,27 @@
+"""`qlora-kit ui`: a local web app to start, watch, stop and resume runs, merge and export them,
+and compare adapters with the base model, all through the same code the CLI runs.
+
+    create_app(runs_dir, token=None, max_upload_bytes=200 MiB) -> FastAPI   (tests, embedding)
+    main(runs_dir, host="127.0.0.1", port=7860, token_file=None)             (the CLI; blocks)
+
+Imports are deferred so `import qlora_kit.ui` stays cheap for the CLI.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def create_app(runs_dir: Path, token: str | None = None, max_upload_bytes: int = 200 * 2**20):
+    from .app import create_app as _create
+
+    return _create(runs_dir, token, max_upload_bytes)
+
+
+def main(runs_dir: Path, host: str = "127.0.0.1", port: int = 7860, token_file: Path | None = None) -> None:
+    from .app import main as _main
+
+    _main(runs_dir, host, port, token_file)
+
+
+__all__ = ["create_app", "main"]

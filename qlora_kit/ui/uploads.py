@@ -1,0 +1,86 @@
+"""Uploaded data files: RUNS/uploads/<name>, size-limited, never outside that folder.
+
+The body is the file itself (not multipart), so it streams straight to a temporary file in the
+uploads folder and is renamed into place only when complete and within the limit: an oversize or
+broken upload leaves nothing behind. A name that is not a plain file name is refused before a
+byte is read. An existing upload is never overwritten (a run records its data file's sha256, and
+resuming it checks that): the same content reuses the file, other content gets a new name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import unicodedata
+from pathlib import Path
+
+from ..errors import UserError
+
+
+class TooLarge(Exception):
+    pass
+
+
+def safe_name(name: str | None) -> str:
+    """The name itself, or UserError: no path parts, no NUL or control characters, no hidden files."""
+    if not name:
+        raise UserError("the upload has no file name")
+    if any(c in name for c in ("/", "\\", "\x00")) or any(unicodedata.category(c) == "Cc" for c in name):
+        raise UserError(f"upload name {name!r} is not a plain file name", "rename the file (no folders or control characters)")
+    if name.startswith(".") or name != name.strip() or len(name.encode("utf-8")) > 200:
+        raise UserError(f"upload name {name!r} is not a plain file name",
+                        "rename the file: no leading dot or spaces, at most 200 bytes")
+    return name
+
+
+def _sha256(p: Path) -> str:
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _free_name(folder: Path, name: str, digest: str) -> tuple[Path, bool]:
+    """(target, already there with this content)."""
+    stem, suffix = os.path.splitext(name)
+    for n in range(1, 1000):
+        p = folder / (name if n == 1 else f"{stem}-{n}{suffix}")
+        if not p.exists():
+            return p, False
+        if p.is_file() and _sha256(p) == digest:
+            return p, True
+    raise UserError(f"too many uploads named {name}", "rename the file")
+
+
+async def save(chunks, folder: Path, name: str, limit: int) -> Path:
+    """Write an async iterator of byte chunks to folder/name (or a free variant); TooLarge past `limit`."""
+    name = safe_name(name)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".upload-", dir=folder)
+    h, size = hashlib.sha256(), 0
+    try:
+        with os.fdopen(fd, "wb") as f:
+            async for chunk in chunks:
+                size += len(chunk)
+                if size > limit:
+                    raise TooLarge
+                h.update(chunk)
+                f.write(chunk)
+        target, same = _free_name(folder, name, h.hexdigest())
+        if same:
+            os.unlink(tmp)
+            return target
+        os.chmod(tmp, 0o644)
+        try:
+            os.link(tmp, target)  # fails rather than replaces if the name was taken meanwhile
+            os.unlink(tmp)
+        except FileExistsError:
+            raise
+        except OSError:  # a filesystem without hard links
+            os.rename(tmp, target)
+        return target
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
