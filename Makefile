@@ -26,8 +26,8 @@ $(STAMP): pyproject.toml
 browser:
 	@if command -v chromium >/dev/null 2>&1; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	  echo "installing Debian chromium for the UI browser test"; \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
+	  echo "installing Debian chromium (and a CJK font for readable screenshots) for the UI browser test"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver fonts-wqy-microhei >/dev/null) \
 	    || echo "could not install chromium: the UI browser test will skip"; \
 	else echo "chromium not installed (needs root + apt): the UI browser test will skip"; fi
 

@@ -301,6 +301,7 @@ def _streamer_class():
 
     return CallbackStreamer
 
+
 def load(path: str | Path) -> Engine:
     """A run directory (4-bit base + its adapter, as trained) or a merged model directory."""
     p = Path(path)

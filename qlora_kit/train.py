@@ -222,6 +222,23 @@ def preflight(recipe: Recipe, quiet: bool = False) -> Preflight:
     return Preflight(prep, model_dir, plan, warnings)
 
 
+def training_rows(prep, idx) -> list[dict]:
+    """The encoded samples that teach something: a prompt that fills max_length has no answer token."""
+    out = []
+    for i in idx:
+        e = prep.encoded[i]
+        if any(x != -100 for x in e.labels):
+            out.append({"input_ids": e.input_ids, "labels": e.labels})
+    return out
+
+
+def require_trainable(train_rows: list[dict], prep, recipe: Recipe) -> None:
+    """The refusal that needs the encoded data (so it comes after preflight); the UI makes it too."""
+    if not train_rows:
+        raise UserError(f"{prep.report['file']}: no training sample has an answer token within "
+                        f"max_length={recipe.training.max_length}", "raise training.max_length")
+
+
 def run(recipe: Recipe, run_dir_arg: str | None = None, callbacks: list | None = None, *,
         force: bool = False, auto_batch: bool = False) -> Path:
     """Train and return the run directory. `callbacks` are extra TrainerCallbacks (tests use them to
@@ -256,18 +273,8 @@ def run(recipe: Recipe, run_dir_arg: str | None = None, callbacks: list | None =
     for warning in rep["warnings"]:
         console.print(f"[yellow]warning[/]: {warning}", highlight=False)
 
-    def rows(idx):
-        out = []
-        for i in idx:
-            e = prep.encoded[i]
-            if any(x != -100 for x in e.labels):  # a prompt that fills max_length teaches nothing
-                out.append({"input_ids": e.input_ids, "labels": e.labels})
-        return out
-
-    train_rows, eval_rows = rows(prep.train_idx), rows(prep.eval_idx)
-    if not train_rows:
-        raise UserError(f"{rep['file']}: no training sample has an answer token within "
-                        f"max_length={recipe.training.max_length}", "raise training.max_length")
+    train_rows, eval_rows = training_rows(prep, prep.train_idx), training_rows(prep, prep.eval_idx)
+    require_trainable(train_rows, prep, recipe)
 
     # 4. run directory: a new one, or an existing run to resume (same settings, same data)
     from . import resilience

@@ -94,11 +94,9 @@ def check(spec: dict) -> dict:
     pre = train.preflight(recipe, quiet=True)
     tok, stop, note = datacheck.load_tokenizer_for_check(recipe)
     prep = datacheck.prepare(recipe, tok, stop, note)
-    # train refuses this after encoding, past its preflight; the same test and message here
-    trainable = prep.encoded is None or any(any(x != -100 for x in prep.encoded[i].labels) for i in prep.train_idx)
-    if tok is not None and not trainable:
-        raise UserError(f"{prep.report['file']}: no training sample has an answer token within "
-                            f"max_length={recipe.training.max_length}", "raise training.max_length")
+    # train refuses this after encoding, past its preflight: the same check, from train itself
+    if tok is not None and prep.encoded is not None:
+        train.require_trainable(train.training_rows(prep, prep.train_idx), prep, recipe)
     return {"recipe": recipe.name, "recipe_yaml": recipe.to_yaml(), "report": prep.report, "plan": pre.plan,
             "warnings": list(pre.warnings), "model_dir": pre.model_dir}
 
