@@ -8,7 +8,7 @@
       adapter/         adapter_model.safetensors + adapter_config.json (plain PEFT loads it)
       tokenizer/       tokenizer with the exact chat template used in training
       checkpoints/     Trainer checkpoints every save_steps
-      logs/            TensorBoard event files
+      logs/            TensorBoard event files; progress.jsonl, one JSON line per logged step (the UI reads it)
 
 A run directory needs nothing else: merge, generate (and later eval, chat, serve) take only its path.
 """
