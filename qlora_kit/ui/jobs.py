@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from .. import rundir
-from .runs import pid_alive
+from .runs import pid_alive, read_tail
 
 KINDS = ("train", "merge", "export", "eval")
 
@@ -38,16 +38,11 @@ def shown(argv: list[str]) -> str:
 
 
 def tail(p: Path, n: int = 16384) -> str:
-    try:
-        with open(p, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - n))
-            data = f.read()
-    except OSError:
+    got = read_tail(p, n)
+    if got is None:
         return ""
-    text = data.decode("utf-8", "replace")
-    return text.split("\n", 1)[1] if size > n and "\n" in text else text
+    text = got[0].decode("utf-8", "replace")
+    return text.split("\n", 1)[1] if got[1] and "\n" in text else text
 
 
 class Jobs:

@@ -43,17 +43,25 @@ def _read_json(p: Path) -> dict | None:
         return None
 
 
-def last_line(p: Path, chunk: int = 8192) -> dict | None:
-    """The last complete JSON line of a file that another process appends to."""
+def read_tail(p: Path, n: int) -> tuple[bytes, bool] | None:
+    """The last `n` bytes of a file another process appends to, and whether that cut the file."""
     try:
         with open(p, "rb") as f:
             f.seek(0, os.SEEK_END)
             end = f.tell()
-            f.seek(max(0, end - chunk))
-            tail = f.read()
+            f.seek(max(0, end - n))
+            return f.read(), end > n
     except OSError:
         return None
-    for line in reversed(tail.split(b"\n")[1 if end > chunk else 0:]):
+
+
+def last_line(p: Path, chunk: int = 8192) -> dict | None:
+    """The last complete JSON line of a file that another process appends to."""
+    got = read_tail(p, chunk)
+    if got is None:
+        return None
+    tail, cut = got
+    for line in reversed(tail.split(b"\n")[1 if cut else 0:]):
         if line.strip():
             try:
                 v = json.loads(line)
