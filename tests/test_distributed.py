@@ -127,14 +127,18 @@ def test_same_loss_curve_shape_as_one_process(single, ddp):
     xa, xb = [a[s] for s in steps], [b[s] for s in steps]
     # both learn: the loss falls by a clear margin over the run
     assert xa[-1] < xa[0] - 0.1 and xb[-1] < xb[0] - 0.1, (xa, xb)
-    # same shape: step by step within 10% of each other, and strongly correlated
+    # same curve, not just the same shape: the two processes split each global batch of the single
+    # process, gradients are averaged over the same tokens, and the interrupted-and-resumed run
+    # continues exactly (measured here: equal to the last bit; the tolerance allows another CPU's
+    # floating-point reduction order)
     rel = max(abs(x - y) / x for x, y in zip(xa, xb))
-    assert rel < 0.10, (xa, xb)
-    n = len(xa)
-    ma, mb = sum(xa) / n, sum(xb) / n
-    cov = sum((x - ma) * (y - mb) for x, y in zip(xa, xb))
-    corr = cov / (sum((x - ma) ** 2 for x in xa) * sum((y - mb) ** 2 for y in xb)) ** 0.5
-    assert corr > 0.95, (corr, xa, xb)
+    assert rel < 1e-3, (xa, xb)
+    from safetensors.torch import load_file
+
+    wa = load_file(single / "adapter" / "adapter_model.safetensors")
+    wb = load_file(ddp["dir"] / "adapter" / "adapter_model.safetensors")
+    assert wa.keys() == wb.keys()
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-4
 
 
 def test_resume_with_another_process_count_is_refused(ddp, setup):
