@@ -114,7 +114,13 @@ def _launch_parallel(resolved, run_dir: Optional[Path], gpus: Optional[int], cpu
         raise UserError("--fsdp shards the model across GPUs", "pass --gpus N with it")
     n = gpus or cpu_processes
     distributed.check_request(n, cpu=bool(cpu_processes), fsdp=fsdp)
+    from . import train
+
+    # what train would refuse (bad data, a missing model), refused here before any worker starts
+    # or any directory is made; the data report is cached, so the workers do not redo the work
+    train.preflight(resolved, quiet=True)
     # the workers must agree on one directory: choose it here (a new, empty one unless given)
+    made = run_dir is None or not run_dir.exists()
     target = run_dir or rundir.new_run_dir(resolved.output_dir, resolved.name, None)
     with tempfile.TemporaryDirectory(prefix="qlora-kit-launch-") as tmp:
         recipe_file = Path(tmp) / f"{resolved.name}.yaml"
@@ -125,6 +131,8 @@ def _launch_parallel(resolved, run_dir: Optional[Path], gpus: Optional[int], cpu
         code = distributed.launch(argv, n, "fsdp" if fsdp else "ddp", cpu_threads=threads)
     if code == 0:
         print(target)
+    elif made and Path(target).is_dir() and not any(Path(target).iterdir()):
+        Path(target).rmdir()  # the workers stopped before writing anything: leave nothing behind
     else:
         distributed.mark_failed(Path(target), code)
     return code

@@ -187,3 +187,14 @@ def test_fsdp_settings_store_4bit_weights_in_a_shardable_dtype(monkeypatch, tiny
     assert "full_shard" in args["fsdp"] and args["fsdp_config"]["use_orig_params"] is False
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert model.bnb_config(r).bnb_4bit_quant_storage == torch.uint8
+
+
+def test_bad_data_is_refused_before_any_worker_or_directory(tiny_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q1", "answer": "a1"}\n{"question": broken\n', encoding="utf-8")
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(_recipe(tiny_dir, bad).to_yaml(), encoding="utf-8")
+    r = subprocess.run(_cli("train", str(recipe_file), "--run-dir", str(tmp_path / "run"), "--cpu-processes", "2"),
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "bad.jsonl:2" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "run").exists()
