@@ -5,6 +5,10 @@ On a terminal it is a live bar; elsewhere (CI, a log file) each logging step pri
 
 from __future__ import annotations
 
+import json
+import time
+from pathlib import Path
+
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -65,22 +69,16 @@ class ProgressLog(TrainerCallback):
     written by the main process only, so data-parallel runs do not duplicate it."""
 
     def __init__(self, path):
-        from pathlib import Path
-
         self.path = Path(path)
         self.t0 = self.step0 = None
         self.last_tokens = self.last_time = None
 
     def _write(self, rec: dict) -> None:
-        import json
-
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(rec) + "\n")
 
     def _base(self, event: str, state) -> dict:
-        import time
-
         now = time.time()
         rec = {"time": now, "event": event, "step": state.global_step, "max_steps": state.max_steps,
                "epoch": round(state.epoch or 0.0, 4), "elapsed_s": round(now - self.t0, 2)}
@@ -92,8 +90,6 @@ class ProgressLog(TrainerCallback):
         return rec
 
     def on_train_begin(self, args, state, control, **kw):
-        import time
-
         self.t0, self.step0 = time.time(), state.global_step
         if state.is_world_process_zero:
             self._write(self._base("begin", state))

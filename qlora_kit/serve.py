@@ -612,10 +612,12 @@ def parse_runs(runs: list[str]) -> dict[str, Path]:
 
 
 def is_loopback(host: str) -> bool:
-    if host == "localhost":
+    """127.0.0.0/8, ::1 (bracketed or not) or localhost: reachable from this machine only."""
+    h = host.strip().strip("[]")
+    if h == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(h).is_loopback
     except ValueError:
         return False
 

@@ -177,14 +177,16 @@ class Preflight:
         return self.prep.report
 
 
-def preflight(recipe: Recipe, quiet: bool = False) -> Preflight:
+def preflight(recipe: Recipe, quiet: bool = False, measure: bool = False) -> Preflight:
     """Data read/check/split, base model resolution, GPU-only switches, memory plan. Raises the
-    UserError that `train` would raise, with the same message, and writes nothing."""
+    UserError that `train` would raise, with the same message, and writes nothing. `measure`: the
+    data report also has token lengths and an encoded sample (as `data check --recipe` shows),
+    which needs the tokenizer; `train` encodes later with the one it trains with."""
     say = (lambda *a, **k: None) if quiet else console.print
     # 1. data: read, check, split (no model yet, so bad files fail in a second)
     from . import datacheck
 
-    prep = datacheck.prepare(recipe)
+    prep = datacheck.prepare(recipe, *datacheck.load_tokenizer_for_check(recipe)) if measure else datacheck.prepare(recipe)
     rep = prep.report
     say(f"data: {rep['split']['train'] + rep['split']['eval']} conversations from {rep['file']} "
         f"({rep['format']}, {rep['encoding']}, {rep['layout']})")

@@ -88,14 +88,13 @@ def resolve(spec: dict):
 
 def check(spec: dict) -> dict:
     """train.preflight + the data report with token lengths (as `data check --recipe` shows it)."""
-    from .. import datacheck, train
+    from .. import train
 
     recipe = resolve(spec)
-    pre = train.preflight(recipe, quiet=True)
-    tok, stop, note = datacheck.load_tokenizer_for_check(recipe)
-    prep = datacheck.prepare(recipe, tok, stop, note)
+    pre = train.preflight(recipe, quiet=True, measure=True)  # one pass over the data, with token lengths
+    prep = pre.prep
     # train refuses this after encoding, past its preflight: the same check, from train itself
-    if tok is not None and prep.encoded is not None:
+    if prep.encoded is not None:
         train.require_trainable(train.training_rows(prep, prep.train_idx), prep, recipe)
     return {"recipe": recipe.name, "recipe_yaml": recipe.to_yaml(), "report": prep.report, "plan": pre.plan,
             "warnings": list(pre.warnings), "model_dir": pre.model_dir}

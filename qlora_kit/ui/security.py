@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import json
 import secrets
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from ..errors import UserError
+from ..serve import is_loopback
 
 COOKIE = "qlora_kit_session"
 CSRF_HEADER = "x-csrf-token"
@@ -41,16 +41,6 @@ HEADERS = [
 ]
 # Reachable without a token: the login form and what it needs to look like a page.
 PUBLIC = ("/login", "/static/app.css", "/static/login.css", "/favicon.ico")
-
-
-def is_loopback(host: str) -> bool:
-    h = host.strip().strip("[]")
-    if h == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(h).is_loopback
-    except ValueError:
-        return False
 
 
 def read_token(token_file: Path | None) -> str | None:

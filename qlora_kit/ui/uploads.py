@@ -15,6 +15,7 @@ import tempfile
 import unicodedata
 from pathlib import Path
 
+from ..data import file_sha256
 from ..errors import UserError
 
 
@@ -34,14 +35,6 @@ def safe_name(name: str | None) -> str:
     return name
 
 
-def _sha256(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _free_name(folder: Path, name: str, digest: str) -> tuple[Path, bool]:
     """(target, already there with this content)."""
     stem, suffix = os.path.splitext(name)
@@ -49,7 +42,7 @@ def _free_name(folder: Path, name: str, digest: str) -> tuple[Path, bool]:
         p = folder / (name if n == 1 else f"{stem}-{n}{suffix}")
         if not p.exists():
             return p, False
-        if p.is_file() and _sha256(p) == digest:
+        if p.is_file() and file_sha256(p) == digest:
             return p, True
     raise UserError(f"too many uploads named {name}", "rename the file")
 
