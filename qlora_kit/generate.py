@@ -65,24 +65,6 @@ class _Cancelled:
         return _flag(input_ids, self.event.is_set())
 
 
-class _StopStrings:
-    """StoppingCriteria: ends generation once the new text contains a stop string.
-
-    Only a tail of the new tokens is decoded per step (a stop string ending at the latest token
-    lies within it; a token is at least one byte), so long answers do not cost quadratic decoding."""
-
-    def __init__(self, tokenizer, prompt_len: int, stop: list[str]):
-        self.tokenizer, self.prompt_len, self.stop = tokenizer, prompt_len, stop
-        self.window = 4 * max(len(x.encode("utf-8")) for x in stop) + 4
-        self.hit = False
-
-    def __call__(self, input_ids, scores, **kwargs):
-        new = input_ids[0, self.prompt_len:]
-        tail = self.tokenizer.decode(new[-self.window:], skip_special_tokens=True)
-        self.hit = self.hit or any(x in tail for x in self.stop)
-        return _flag(input_ids, self.hit)
-
-
 def cut_at_stop(text: str, stop: list[str] | None) -> tuple[str, bool]:
     """The text before the earliest stop string, and whether one occurred."""
     cuts = [i for i in (text.find(x) for x in stop or []) if i >= 0]
@@ -249,11 +231,10 @@ class Engine:
             criteria = StoppingCriteriaList()
             if cancel is not None:
                 criteria.append(_Cancelled(cancel))
-            stops = _StopStrings(a.tokenizer, n_prompt, stop) if stop else None
-            if stops:
-                criteria.append(stops)
             kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "max_new_tokens": max_new_tokens,
                       "eos_token_id": a.stop_ids, "pad_token_id": a.tokenizer.pad_token_id, "stopping_criteria": criteria}
+            if stop:  # transformers' own stop-string criterion; the text is cut below
+                kwargs.update(stop_strings=stop, tokenizer=a.tokenizer)
             if temperature and temperature > 0:
                 kwargs.update(do_sample=True, temperature=float(temperature), top_k=0,  # top_k 0: OpenAI has none
                               top_p=1.0 if top_p is None else float(top_p))
