@@ -99,6 +99,8 @@ def _text(v, where: str, name: str) -> str:
         return ""
     if isinstance(v, str):
         return v
+    if isinstance(v, readers.CellProblem):  # a formula without a result: not an empty cell
+        raise UserError(f"{where}: {v.reason}")
     if isinstance(v, (int, float)) and not isinstance(v, bool):
         return str(v)
     if isinstance(v, list) and all(isinstance(p, dict) and "text" in p for p in v):  # OpenAI content parts
@@ -116,7 +118,20 @@ def _turns(turns, where: str, key: str) -> Conversation:
         if r is None:
             raise UserError(f"{where}: unknown role {role!r} in '{key}'", "use system, user or assistant (human/gpt)")
         msgs.append({"role": r, "content": _text(t.get("content", t.get("value")), where, "content")})
+    _check_answers(msgs, where, lambda i: f"turn {i + 1} ({key}[{i}])")
     return msgs
+
+
+def _check_answers(msgs: Conversation, where: str, name) -> None:
+    """An empty assistant turn among answered ones would teach the model to say nothing after that
+    question, so the row is refused like any bad row (file:line, and the turn). A conversation with
+    no answer at all is not refused here: load() drops it as "empty answer", as for a Q/A row."""
+    answers = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+    empty = [i for i in answers if not msgs[i]["content"].strip()]
+    if empty and len(empty) < len(answers):
+        more = f" ({len(empty) - 1} more in this conversation)" if len(empty) > 1 else ""
+        raise UserError(f"{where}: {name(empty[0])} is an empty assistant turn{more}; "
+                        "fill in the answer, or remove it together with the question before it")
 
 
 def to_conversation(rec: dict, layout: str, where: str, mapping: dict[str, str]) -> Conversation:
@@ -126,7 +141,9 @@ def to_conversation(rec: dict, layout: str, where: str, mapping: dict[str, str])
     elif mapping.get("question") or mapping.get("answer"):
         layout = "question-answer"
     if layout == "dialogue":
-        return [{"role": r, "content": c} for r, c in rec["__turns__"]]
+        msgs = [{"role": r, "content": c} for r, c in rec["__turns__"]]
+        _check_answers(msgs, where, lambda i: f"turn {i + 1}")
+        return msgs
     if layout in ("messages", "sharegpt"):
         key = mapping.get("messages") or ("messages" if layout == "messages" else "conversations")
         if not isinstance(rec.get(key), list):
@@ -149,6 +166,8 @@ def to_conversation(rec: dict, layout: str, where: str, mapping: dict[str, str])
         msgs.append({"role": "user", "content": f"{q}\n\n{extra}" if extra.strip() else q})
         out_key = "output" if "output" in rec else "response"
         msgs.append({"role": "assistant", "content": _text(rec.get(out_key), where, out_key)})
+        first = len(msgs) - 2 * len(rec.get("history") or []) - 2  # where history starts (after a system turn)
+        _check_answers(msgs, where, lambda i: f"history[{(i - first) // 2}]'s answer" if i < len(msgs) - 1 else out_key)
         return msgs
     if layout == "prompt-completion":
         return [{"role": "user", "content": _text(rec["prompt"], where, "prompt")},

@@ -6,7 +6,9 @@ placeholder; everything else is left byte-for-byte as it was:
 - id_card   18-character PRC resident ID (17 digits + check char), redacted only when the
             ISO 7064 MOD 11-2 checksum and the birth date are valid.
 - bank_card 15-19 digit card numbers, plain or in groups ("6222 0212 3456 7890 128"), redacted
-            only when Luhn-valid and the prefix/length is a real card scheme.
+            only when Luhn-valid and the prefix/length is a real card scheme. Right after a card
+            label (银行卡, 卡号, card no.) any Luhn-valid 12-19 digit number; right after an account
+            label (账号, 账户, account no.) any 12-25 digit number (bank accounts are often not Luhn).
 - mobile    mainland mobile 1[3-9]xxxxxxxxx, optionally +86/86/0086 and 3-4-4 separators.
 - landline  area code (010, 02x, 0xxx) + separator or parentheses + 7-8 digit number, optional
             extension.
@@ -202,6 +204,40 @@ def _find_card(s: str):
             yield m.start(), m.end(), "bank_card"
 
 
+# A number right after a card or account label is a card or account number whatever its prefix:
+# issuers outside the scheme table above (and 12-14 digit cards) exist. After a card label it must
+# still pass Luhn (every payment card does, so a failing number there is something else). After an
+# account label (账号, 账户, account no.) no checksum is asked for: Chinese bank account numbers,
+# passbook and corporate (对公) ones especially, follow each bank's own scheme and are often not
+# Luhn-valid, and the label already says what the number is.
+_LABELLED_NUMBER_RE = re.compile(
+    r"(?:(?P<card>银行卡号?|信用卡号?|借记卡号?|卡号|(?<![A-Za-z])card[ \t]*(?:no\b\.?|number\b|num\b\.?|#))"
+    r"|(?P<account>[账帐][号户]|(?<![A-Za-z])(?:account|acct\b\.?)[ \t]*(?:no\b\.?|number\b|#)))"
+    r"[ \t]*(?::[ \t]*|[为是][ \t]*)?"
+    r"(?P<num>[0-9]+(?:[ -][0-9]+)*)",
+    re.IGNORECASE,
+)
+_LABELLED_DIGITS = {"card": (12, 19), "account": (12, 25)}
+_AFTER = re.compile(_A)
+
+
+def _find_labelled_number(s: str):
+    for m in _LABELLED_NUMBER_RE.finditer(s):
+        kind = "card" if m.group("card") else "account"
+        lo, hi = _LABELLED_DIGITS[kind]
+        start, text = m.start("num"), m.group("num")
+        # The number may run into a following one ("卡号 6222… 1000元"): take the longest run of its
+        # groups, cut only at a space, that is a whole number and has a valid length (and checksum).
+        ends = [i for i, c in enumerate(text) if c == " "] + [len(text)]
+        for end in reversed(ends):
+            d = re.sub(r"[ -]", "", text[:end])
+            if not lo <= len(d) <= hi or not _AFTER.match(s, start + end):
+                continue
+            if kind == "account" or luhn_ok(d):
+                yield start, start + end, "bank_card"
+            break
+
+
 def _find_mobile(s: str):
     for m in _MOBILE_RE.finditer(s):
         if m.group("sep") == " " and _in_space_chain(s, m.start(), m.end()):
@@ -336,8 +372,9 @@ def _find_name(s: str):
 
 
 # Order matters: emails may hold digits; a valid ID is an id_card before it can be a card; cards
-# and IDs are longer than mobiles; names last.
-_FINDERS = (_find_email, _find_id, _find_card, _find_mobile, _find_landline, _find_name)
+# and IDs are longer than mobiles, and a labelled 12+ digit number is an account, not a phone
+# number inside it; names last.
+_FINDERS = (_find_email, _find_id, _find_card, _find_labelled_number, _find_mobile, _find_landline, _find_name)
 
 
 def find_pii(text: str) -> list[tuple[int, int, str]]:

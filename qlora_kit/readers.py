@@ -3,7 +3,8 @@
 Formats: JSON Lines (whatever the extension), JSON arrays, concatenated or pretty-printed JSON
 objects, CSV/TSV (quoted multi-line cells), XLSX, and plain dialogue text ("用户：… 律师：…").
 Encodings: UTF-8, UTF-8 with BOM, UTF-16 with BOM, GB18030 (a superset of GBK and GB2312),
-detected from the bytes and reported.
+detected from the bytes and reported. XLSX formulas give their cached results; a formula without
+one (never calculated) or with an Excel error is reported by sheet and cell, not read as empty.
 
 Every record carries `where` ("file:line"), the place a person opens to fix it. A record that
 cannot be parsed becomes a `Bad` with that place and the reason, so the caller decides whether
@@ -17,8 +18,11 @@ import csv
 import io
 import json
 import re
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from xml.etree.ElementTree import ParseError
 
 from .errors import UserError
 
@@ -33,6 +37,15 @@ class Record:
 class Bad:
     where: str
     reason: str
+
+
+@dataclass
+class CellProblem:
+    """A spreadsheet cell whose value cannot be used (a formula never calculated, an Excel error).
+    Kept in the record in place of a value: only data.py knows whether the column is used, and a
+    column nobody maps should not stop a file."""
+
+    reason: str  # names the sheet and cell and says what to do
 
 
 @dataclass
@@ -242,29 +255,93 @@ def read_xlsx(path: Path) -> Read:
         raise UserError(f"{path}: cannot open as an Excel workbook ({type(e).__name__})",
                         "open it in Excel and save as .xlsx or CSV UTF-8") from None
     try:
+        # Set by programs that write formulas without computing them (openpyxl, XlsxWriter): Excel
+        # recalculates on opening, and XlsxWriter stores 0 as every formula's "cached" result.
+        calc_on_load = bool(getattr(wb.calculation, "fullCalcOnLoad", False))
         for ws in wb.worksheets:
-            records, bad, header = [], [], None
-            for i, row in enumerate(ws.iter_rows(values_only=True), start=1):
-                cells = [_cell(c) for c in row]
-                if not any(c.strip() for c in cells):
-                    continue
-                where = f"{path}:{i}" if len(wb.worksheets) == 1 else f"{path}:{ws.title}!{i}"
-                if header is None:
-                    header = [c.strip() for c in cells]
-                    while header and not header[-1]:
-                        header.pop()
-                    if len(header) < 2:
-                        header = None  # a title row; look further down
-                        continue
-                    continue
-                vals = cells[: len(header)] + [""] * (len(header) - len(cells))
-                records.append(Record(where, {h: v for h, v in zip(header, vals) if h}))
-            if header is not None:
-                return Read(records, bad, "xlsx", "xlsx", [h for h in header if h])
+            try:
+                read = _read_sheet(ws, path, len(wb.worksheets) > 1, calc_on_load)
+            except (ParseError, zipfile.BadZipFile, zlib.error, EOFError) as e:  # sheets are read lazily
+                raise UserError(f"{path}: sheet {ws.title!r} is damaged ({type(e).__name__})",
+                                "open it in Excel and save as .xlsx or CSV UTF-8") from None
+            if read is not None:
+                return read
     finally:
         wb.close()
     raise UserError(f"{path}: no sheet has a header row with two or more columns",
                     "put column names (e.g. 问题, 回答) in the first row")
+
+
+def _read_sheet(ws, path: Path, many_sheets: bool, calc_on_load: bool) -> Read | None:
+    problems = _formula_problems(ws, calc_on_load)  # (row, column) -> why its value cannot be used
+    records, header = [], None
+    for i, row in enumerate(ws.iter_rows(values_only=True), start=1):
+        cells: list = [_cell(c) for c in row]
+        for j in range(len(cells)) if problems else ():
+            if (i, j + 1) in problems:
+                cells[j] = CellProblem(problems[i, j + 1])
+        if not any(isinstance(c, CellProblem) or c.strip() for c in cells):
+            continue  # a blank row (a row of uncomputed formulas is not blank: it is reported)
+        where = f"{path}:{ws.title}!{i}" if many_sheets else f"{path}:{i}"
+        if header is None:
+            header = [c.strip() if isinstance(c, str) else "" for c in cells]
+            while header and not header[-1]:
+                header.pop()
+            if len(header) < 2:
+                header = None  # a title row; look further down
+            continue
+        vals = cells[: len(header)] + [""] * (len(header) - len(cells))
+        records.append(Record(where, {h: v for h, v in zip(header, vals) if h}))
+    if header is None:
+        return None
+    return Read(records, [], "xlsx", "xlsx", [h for h in header if h])
+
+
+_SHEET_NS = "{http://schemas.openxmlformats.org/spreadsheetml/2006/main}"
+
+
+def _formula_problems(ws, calc_on_load: bool) -> dict[tuple[int, int], str]:
+    """Cells whose stored value is not a formula's real result: no cached value at all, an Excel
+    error, or XlsxWriter's placeholder 0. openpyxl reads a missing result and a cached empty string
+    (=IF(A2="","",…) saved by Excel) alike as None, so the sheet's XML is read directly; only a
+    string result (t="str") may legitimately be empty."""
+    from xml.etree.ElementTree import iterparse  # what openpyxl's own reader uses
+
+    from openpyxl.utils import get_column_letter
+    from openpyxl.utils.cell import column_index_from_string, coordinate_from_string
+
+    fix = "open the file in Excel/LibreOffice and save it, or paste values"
+    out: dict[tuple[int, int], str] = {}
+    row_n = col_n = 0
+    with ws._get_source() as src:  # the sheet's own part of the archive, as openpyxl's reader opens it
+        for event, el in iterparse(src, events=("start", "end")):
+            if el.tag == _SHEET_NS + "row":
+                if event == "start":
+                    row_n, col_n = int(el.get("r", row_n + 1)), 0
+                else:
+                    el.clear()
+                continue
+            if event != "end" or el.tag != _SHEET_NS + "c":
+                continue
+            ref = el.get("r")  # optional in the format: cells without it follow one another
+            if ref:
+                letters, row_n = coordinate_from_string(ref)
+                col_n = column_index_from_string(letters)
+            else:
+                col_n += 1
+            kind, value = el.get("t", "n"), el.findtext(_SHEET_NS + "v")
+            why = None
+            if kind == "e":
+                why = f"holds the Excel error {value} (its formula failed); fix the formula or type the value"
+            elif el.find(_SHEET_NS + "f") is not None:
+                if not value and kind != "str":
+                    why = f"is a formula with no cached value; {fix}"
+                elif calc_on_load and kind == "n" and value.strip() == "0":
+                    why = f"is a formula whose result was never calculated (the file's writer stored 0 instead); {fix}"
+            if why:
+                out[row_n, col_n] = f"{ws.title}!{get_column_letter(col_n)}{row_n} {why}"
+            el.clear()
+    return out
 
 
 # --- dialogue text --------------------------------------------------------------------------------
