@@ -284,11 +284,13 @@ def ui_cmd(
     host: str = typer.Option("127.0.0.1", "--host", help="address to bind; any other than loopback needs --token-file"),
     port: int = typer.Option(7860, "--port"),
     token_file: Optional[Path] = typer.Option(None, "--token-file", help="file holding the access token (required off loopback)"),
+    data_dir: list[Path] = typer.Option([], "--data-dir", help="a folder the New run form may read data and recipes "
+                                        "from, besides --runs and its uploads (repeatable)"),
 ) -> None:
     """A local web page to start, watch, compare and try fine-tunes."""
     from . import ui
 
-    ui.main(runs, host=host, port=port, token_file=token_file)
+    ui.main(runs, host=host, port=port, token_file=token_file, data_dirs=data_dir)
 
 
 data_app = typer.Typer(help="Check, redact and generate training data.", no_args_is_help=True)

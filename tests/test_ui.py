@@ -305,7 +305,7 @@ def test_preflight_refusals_carry_trains_message(tmp_path, cache):
     from qlora_kit.ui import newrun
 
     root = tmp_path / "runs"
-    c = client(root)
+    c = client(root, data_dirs=[tmp_path])  # the form reads data only from folders the UI was given
     h = csrf(c)
     empty = tmp_path / "empty.jsonl"
     empty.write_text('{"question": "", "answer": ""}\n{"question": "  ", "answer": "x"}\n', encoding="utf-8")
@@ -332,7 +332,7 @@ def test_check_reports_data_and_plan(tmp_path, cache):
     data = write_qa(tmp_path / "qa.jsonl", 12)
     with open(data, "a", encoding="utf-8") as f:
         f.write('{"question": "", "answer": "没有问题"}\n')
-    c = client(tmp_path / "runs")
+    c = client(tmp_path / "runs", data_dirs=[tmp_path])
     r = c.post("/api/check", json={"recipe": "legal", "data": str(data), "base_model": "builtin:tiny",
                                    "max_length": "256", "extra": "data.system_prompt=你是律师。"}, headers=csrf(c))
     assert r.status_code == 200, r.text

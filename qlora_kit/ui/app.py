@@ -20,7 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
@@ -31,6 +32,27 @@ from .chatting import Chat
 
 STATIC = Path(__file__).resolve().parent / "static"
 REPORT_CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; frame-ancestors 'none'; sandbox"
+MAX_JSON = 1 << 20  # a form or a chat question; anything larger is not one
+MAX_OFFSET = 2**53 - 1  # the largest integer the page's JavaScript holds exactly
+MAX_CHAT_TOKENS = 4096
+
+
+class NotFound(UserError):
+    status = 404
+
+
+class TooLarge(UserError):
+    status = 413
+
+
+def _data_dirs(dirs) -> list[Path]:
+    out = []
+    for d in dirs or ():
+        p = Path(d).expanduser().resolve()
+        if not p.is_dir():
+            raise UserError(f"--data-dir {p}: not a folder", "pass a folder that holds your data files")
+        out.append(p)
+    return out
 
 
 def _runs_root(runs_dir: Path) -> Path:
@@ -41,10 +63,14 @@ def _runs_root(runs_dir: Path) -> Path:
     return p
 
 
-def create_app(runs_dir: Path, token: str | None = None, max_upload_bytes: int = 200 * 2**20) -> FastAPI:
+def create_app(runs_dir: Path, token: str | None = None, max_upload_bytes: int = 200 * 2**20,
+               data_dirs: list[Path] | tuple = ()) -> FastAPI:
     root = _runs_root(runs_dir)
     if token is not None:
         security.check_token(token)
+    # where the New run form's recipe and data files may come from (uploads live under the root)
+    readable = [root, *_data_dirs(data_dirs), *newrun.sample_dirs()]
+    sessions = security.Sessions()
     index = runs.RunIndex(root)
     work = jobs.Jobs(root / ".ui")
     chat = Chat()
@@ -54,29 +80,53 @@ def create_app(runs_dir: Path, token: str | None = None, max_upload_bytes: int =
 
     @api.exception_handler(UserError)
     async def user_error(request: Request, e: UserError):
-        return JSONResponse({"error": e.message, "hint": e.hint}, status_code=400)
+        return JSONResponse({"error": e.message, "hint": e.hint}, status_code=getattr(e, "status", 400))
+
+    @api.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, e: RequestValidationError):
+        # FastAPI's 422 lists pydantic's internals; a 400 that names the field is what the form shows
+        msgs = [f"{'.'.join(str(x) for x in err.get('loc', ())[1:]) or 'request'}: {err.get('msg')}" for err in e.errors()]
+        return JSONResponse({"error": "; ".join(msgs) or "bad request", "hint": None}, status_code=400)
 
     def run_path(name: str | None) -> Path:
-        """A run's folder from its name in the list: one or two plain path parts under the root."""
+        """A run's folder from its name in the list: one or two plain path parts under the root, and
+        (symlinks followed) still under it."""
         parts = (name or "").split("/")
         if not name or len(parts) > 2 or any(not p or p.startswith(".") or "\\" in p or "\x00" in p for p in parts):
             raise UserError(f"no run named {name!r}")
         if parts[0] in runs.SKIP:
             raise UserError(f"no run named {name!r}")
-        return root.joinpath(*parts)
+        d = root.joinpath(*parts)
+        if not runs.inside(root, d):
+            raise NotFound(f"no run named {name!r} in {root}")
+        return d
 
     def existing_run(name: str | None) -> Path:
         d = run_path(name)
         if not rundir.is_run_dir(d):
-            raise UserError(f"no run named {name!r} in {root}")
+            raise NotFound(f"no run named {name!r} in {root}")
         return d
 
+    def _no_constants(c: str):
+        raise UserError(f"the request holds {c}, which is not a number")
+
     async def body_json(request: Request) -> dict:
-        raw = await request.body()
-        if len(raw) > 1 << 20:
-            raise UserError("request too large")
+        """The JSON object a page sent: 413 past MAX_JSON, by its Content-Length before reading a byte,
+        and while reading a body sent without one."""
+        length = request.headers.get("content-length")
+        too_big = TooLarge(f"the request is larger than {MAX_JSON >> 10} KiB", "send a shorter question or form")
+        if length is not None:
+            if not length.strip().isdigit():
+                raise UserError("the request's Content-Length is not a number")
+            if int(length) > MAX_JSON:
+                raise too_big
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > MAX_JSON:
+                raise too_big
         try:
-            v = json.loads(raw or b"{}")
+            v = json.loads(bytes(raw) or b"{}", parse_constant=_no_constants)
         except ValueError:
             raise UserError("the request is not JSON") from None
         if not isinstance(v, dict):
@@ -101,7 +151,8 @@ def create_app(runs_dir: Path, token: str | None = None, max_upload_bytes: int =
                 "python": sys.version.split()[0]}
 
     @api.post("/api/logout")
-    def logout():
+    def logout(request: Request):
+        sessions.end(request.cookies.get(security.COOKIE))  # the id is forgotten: a copy of the cookie is dead too
         r = JSONResponse({"ok": True})
         r.headers["set-cookie"] = f"{security.COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0"
         return r
@@ -181,7 +232,7 @@ def create_app(runs_dir: Path, token: str | None = None, max_upload_bytes: int =
         job_list = [job_view(j) for j in work.for_run(name)]
         if not rundir.is_run_dir(d):
             if not job_list:
-                raise UserError(f"no run named {name!r} in {root}")
+                raise NotFound(f"no run named {name!r} in {root}")
             train_job = next((j for j in job_list if j["kind"] == "train"), None)
             state = {"running": "starting", "stopped": "interrupted"}.get(train_job and train_job["state"], "failed")
             return {"name": name, "summary": {"name": name, "status": state}, "jobs": job_list, "pending": True}
@@ -210,9 +261,9 @@ def create_app(runs_dir: Path, token: str | None = None, max_upload_bytes: int =
         }
 
     @api.get("/api/run/progress")
-    def run_progress(name: str, offset: int = 0):
+    def run_progress(name: str, offset: int = Query(0, ge=0, le=MAX_OFFSET)):
         d = run_path(name)
-        events, new_offset = runs.read_progress(d / runs.PROGRESS, max(0, offset))
+        events, new_offset = runs.read_progress(d / runs.PROGRESS, offset)
         history = None
         if offset == 0 and not events:
             # a run from before progress.jsonl existed: its curve is in metrics.json
@@ -264,7 +315,7 @@ def create_app(runs_dir: Path, token: str | None = None, max_upload_bytes: int =
 
     @api.post("/api/check")
     async def check(request: Request):
-        spec = newrun.parse(await body_json(request))
+        spec = newrun.parse(await body_json(request), readable)
         from starlette.concurrency import run_in_threadpool
 
         result = await run_in_threadpool(newrun.check, spec)
@@ -273,7 +324,7 @@ def create_app(runs_dir: Path, token: str | None = None, max_upload_bytes: int =
     @api.post("/api/start")
     async def start(request: Request):
         form = await body_json(request)
-        spec = newrun.parse(form)
+        spec = newrun.parse(form, readable)
         from starlette.concurrency import run_in_threadpool
 
         await run_in_threadpool(newrun.check, spec)  # what train would refuse is refused here, same words
@@ -304,13 +355,18 @@ def create_app(runs_dir: Path, token: str | None = None, max_upload_bytes: int =
         job = work.read(jobs.Jobs.job_id(name, "train"))
         s = index.get(name, d) if (d / "run.json").is_file() else None
         if job and job["state"] == "running":
-            pid, leader = job["pid"], True
+            pid, leader, since = job["pid"], True, job.get("started")
         elif s and s["status"] == "running":
-            pid, leader = s["pid"], None
+            pid, leader, since = s["pid"], None, runs.unix_time(s.get("started"))
         else:
             raise UserError(f"{name} is not running")
         if stopping.get(name) == pid and not now:
             return {"ok": True, "signalled": None, "stopping": True}
+        # the pid comes from a file: signal it only when it is this run's own `qlora-kit train`
+        why = runs.not_train_of(pid, d, since)
+        if why:
+            raise UserError(f"{name}: refused to stop process {pid}: {why}",
+                            "stop the training where it was started (Ctrl-C), or check the run's run.json")
         if not jobs.signal_run(pid, leader):
             raise UserError(f"cannot signal process {pid}", "stop it where it was started (Ctrl-C)")
         stopping[name] = pid
@@ -393,10 +449,13 @@ def create_app(runs_dir: Path, token: str | None = None, max_upload_bytes: int =
             raise UserError("tick at least one adapter")
         if not question:
             raise UserError("type a question")
-        try:
-            max_tokens = max(1, min(4096, int(form.get("max_tokens") or 256)))
-        except (TypeError, ValueError):
-            raise UserError("max tokens: a whole number") from None
+        max_tokens = form.get("max_tokens")
+        if max_tokens is None or max_tokens == "":
+            max_tokens = 256
+        if isinstance(max_tokens, str) and max_tokens.strip().isdigit():
+            max_tokens = int(max_tokens)
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= MAX_CHAT_TOKENS:
+            raise UserError(f"max_tokens {form.get('max_tokens')!r}: expected a whole number from 1 to {MAX_CHAT_TOKENS}")
         chosen = {n: existing_run(n) for n in dict.fromkeys(names)}
 
         def events():
@@ -407,15 +466,16 @@ def create_app(runs_dir: Path, token: str | None = None, max_upload_bytes: int =
                                  headers={"cache-control": "no-store", "x-accel-buffering": "no"})
 
     api.state.index, api.state.jobs, api.state.root = index, work, root
-    api.add_middleware(security.Guard, token=token, csrf=csrf, login_page=login_page)
+    api.add_middleware(security.Guard, token=token, csrf=csrf, login_page=login_page, sessions=sessions)
     return api
 
 
-def main(runs_dir: Path, host: str = "127.0.0.1", port: int = 7860, token_file: Path | None = None) -> None:
+def main(runs_dir: Path, host: str = "127.0.0.1", port: int = 7860, token_file: Path | None = None,
+         data_dirs: list[Path] | tuple = ()) -> None:
     """Serve the UI until Ctrl-C. Runs started from it keep training after it stops."""
     token = security.read_token(token_file)
     security.check_bind(host, token)
-    app = create_app(runs_dir, token)
+    app = create_app(runs_dir, token, data_dirs=data_dirs)
     try:  # a clear message for a busy port, before uvicorn's own log line
         fam = socket.AF_INET6 if ":" in host else socket.AF_INET
         with socket.socket(fam, socket.SOCK_STREAM) as s:

@@ -5,6 +5,9 @@ and metrics.json are replaced atomically (new inode, new mtime) and progress.jso
 an unchanged run costs three stat calls per listing. Whether a "running" run still runs is not in
 any file: it is asked of the process table on every listing (its pid, and that this pid was
 started no later than the run, so a pid reused after a reboot does not look like training).
+Stop asks more before it signals a pid read from a file: that the process is `qlora-kit train` for
+this very run directory (its command line and working directory), started no later than the run.
+A folder that is a symlink leading out of the runs folder is not a run of this UI.
 """
 
 from __future__ import annotations
@@ -72,9 +75,12 @@ def last_line(p: Path, chunk: int = 8192) -> dict | None:
 
 
 def read_progress(p: Path, offset: int = 0, limit: int = 4 << 20) -> tuple[list[dict], int]:
-    """Complete lines from byte `offset` on, and the offset to ask from next time."""
+    """Complete lines from byte `offset` on, and the offset to ask from next time. An offset past
+    the end means the file was replaced by a shorter one (a run started over): read it from the start."""
     try:
         with open(p, "rb") as f:
+            if offset > os.fstat(f.fileno()).st_size:
+                offset = 0
             f.seek(offset)
             data = f.read(limit)
     except OSError:
@@ -144,16 +150,84 @@ def pid_alive(pid, not_after: float | None = None) -> bool:
     return start is None or not_after is None or start <= not_after + 2.0
 
 
-def _unix(iso: str | None) -> float | None:
+def unix_time(iso: str | None) -> float | None:
     try:
         return datetime.fromisoformat(iso).timestamp() if iso else None
     except (TypeError, ValueError):
         return None
 
 
+
+def _train_args(argv: list[str]) -> list[str] | None:
+    """The arguments after `train` when argv runs qlora-kit's train command (`qlora-kit train`,
+    `python -m qlora_kit.cli train`, torchrun's `-m qlora_kit.cli train`), else None."""
+    for i, a in enumerate(argv[:-1]):
+        if os.path.basename(a) == "qlora-kit" or (a in ("qlora_kit.cli", "qlora_kit") and i and argv[i - 1] == "-m"):
+            return argv[i + 2:] if argv[i + 1] == "train" else None
+    return None
+
+
+def _run_dir_arg(args: list[str]) -> str | None:
+    for i, a in enumerate(args):
+        if a == "--run-dir" and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith("--run-dir="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def _default_parent(run_dir: Path, cwd: str) -> Path | None:
+    """Where `qlora-kit train` without --run-dir, started in `cwd`, makes its run: the saved recipe's output_dir."""
+    import yaml
+
+    try:
+        out = (yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8")) or {}).get("output_dir") or "runs"
+        return (Path(cwd) / str(out)).resolve()
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        return None
+
+
+def not_train_of(pid, run_dir: Path, not_after: float | None) -> str | None:
+    """Why `pid` is not the `qlora-kit train` process of `run_dir` (None when it is). A run.json or a
+    job record can be edited by anyone who can write the runs folder; a signal cannot be taken back."""
+    import psutil
+
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return "the run records no valid process id"
+    try:
+        proc = psutil.Process(pid)
+        argv, cwd, born = proc.cmdline(), proc.cwd(), proc.create_time()
+    except psutil.NoSuchProcess:
+        return "that process has exited"
+    except (psutil.Error, OSError):
+        return "that process cannot be inspected (another user's?)"
+    if not_after is not None and born > not_after + 2.0:
+        return "that process started after the run did (a reused process id)"
+    args = _train_args(argv)
+    if args is None:
+        return "that process is not `qlora-kit train`"
+    want = Path(run_dir).resolve()
+    given = _run_dir_arg(args)
+    if given is not None:
+        where = (Path(cwd) / given).resolve()
+    else:
+        parent = _default_parent(want, cwd)
+        where = parent / want.name if parent is not None else None
+    if where != want:
+        return "that process trains another run directory"
+    return None
+
+
+def inside(root: Path, p: Path) -> bool:
+    """Is `p`, symlinks followed, `root` or under it? (`root` is resolved.)"""
+    real = os.path.realpath(p)
+    base = os.path.realpath(root)
+    return real == base or real.startswith(base.rstrip(os.sep) + os.sep)
+
+
 def live_status(summary: dict) -> str:
     s = summary.get("recorded_status") or "unknown"
-    if s == "running" and summary.get("pid") is not None and not pid_alive(summary["pid"], _unix(summary.get("started"))):
+    if s == "running" and summary.get("pid") is not None and not pid_alive(summary["pid"], unix_time(summary.get("started"))):
         return "interrupted"  # killed (SIGKILL, power, OOM killer): train never got to say so
     return s
 
@@ -201,7 +275,8 @@ class RunIndex:
         self._lock = threading.Lock()
 
     def dirs(self) -> list[tuple[str, str]]:
-        """Run directories directly under the root, and one level down (runs/smoke/legal)."""
+        """Run directories directly under the root, and one level down (runs/smoke/legal); a symlink
+        counts only when it leads to a folder inside the root."""
         out = []
         try:
             top = sorted(os.scandir(self.root), key=lambda e: e.name)
@@ -210,12 +285,16 @@ class RunIndex:
         for e in top:
             if e.name.startswith(".") or e.name in SKIP or not e.is_dir():
                 continue
+            if e.is_symlink() and not inside(self.root, e.path):
+                continue
             if os.path.isfile(os.path.join(e.path, "run.json")):
                 out.append((e.name, e.path))
                 continue
             try:
                 for sub in sorted(os.scandir(e.path), key=lambda s: s.name):
-                    if not sub.name.startswith(".") and sub.is_dir() and os.path.isfile(os.path.join(sub.path, "run.json")):
+                    if sub.name.startswith(".") or not sub.is_dir() or (sub.is_symlink() and not inside(self.root, sub.path)):
+                        continue
+                    if os.path.isfile(os.path.join(sub.path, "run.json")):
                         out.append((f"{e.name}/{sub.name}", sub.path))
             except OSError:
                 continue

@@ -4,7 +4,9 @@
                 user can, and start processes), so `check_bind` refuses to start without one
     auth        a token, sent as `Authorization: Bearer T` (scripts) or as the session cookie the
                 login form sets (HttpOnly, SameSite=Strict: page scripts cannot read it, other
-                sites cannot send it)
+                sites cannot send it). The cookie is a random id this process remembers, with an
+                expiry: logging out (or restarting the UI) ends it, and it says nothing about the
+                token. Wrong tokens (form or bearer) are throttled per client address.
     Host        without a token only loopback names are accepted, so a DNS-rebinding page that
                 resolves its own name to 127.0.0.1 cannot read the API
     CSRF        POST/DELETE from a browser must come from this origin (Origin, else Referer, equals
@@ -15,10 +17,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 import secrets
+import threading
+import time
+from collections import deque
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -41,6 +45,9 @@ HEADERS = [
 ]
 # Reachable without a token: the login form and what it needs to look like a page.
 PUBLIC = ("/login", "/static/app.css", "/static/login.css", "/favicon.ico")
+SESSION_TTL = 12 * 3600  # a browser session outlives a working day's runs, not the week
+LOGIN_FAILURES, LOGIN_WINDOW = 5, 60.0  # wrong tokens per client per minute; the next attempt waits
+LOGIN_FORM_MAX = 4096
 
 
 def read_token(token_file: Path | None) -> str | None:
@@ -72,9 +79,82 @@ def check_bind(host: str, token: str | None) -> None:
             "--host 127.0.0.1 and reach it through an SSH tunnel (ssh -L 7860:127.0.0.1:7860 HOST)")
 
 
-def session_value(token: str) -> str:
-    # the cookie carries a value derived from the token, not the token itself
-    return hmac.new(token.encode(), b"qlora-kit-ui-session", hashlib.sha256).hexdigest()
+class Sessions:
+    """Login sessions: random ids held by this process, each with an expiry. A fixed value derived
+    from the token would survive logout; these end on logout, on expiry and with the process."""
+
+    def __init__(self, ttl: float = SESSION_TTL, cap: int = 1000):
+        self.ttl, self.cap = ttl, cap
+        self._ids: dict[str, float] = {}  # id -> monotonic expiry
+        self._lock = threading.Lock()
+
+    def new(self) -> str:
+        sid = secrets.token_urlsafe(32)
+        now = time.monotonic()
+        with self._lock:
+            for old in [k for k, exp in self._ids.items() if exp <= now]:
+                del self._ids[old]
+            if len(self._ids) >= self.cap:  # bounded memory: the oldest login goes first
+                del self._ids[min(self._ids, key=self._ids.__getitem__)]
+            self._ids[sid] = now + self.ttl
+        return sid
+
+    def valid(self, sid: str) -> bool:
+        with self._lock:
+            exp = self._ids.get(sid) if sid else None
+            if exp is not None and exp <= time.monotonic():
+                del self._ids[sid]
+                exp = None
+        return exp is not None
+
+    def end(self, sid: str | None) -> None:
+        with self._lock:
+            self._ids.pop(sid or "", None)
+
+
+class Throttle:
+    """At most `limit` wrong tokens per client address in `window` seconds; then it must wait."""
+
+    def __init__(self, limit: int = LOGIN_FAILURES, window: float = LOGIN_WINDOW, cap: int = 10000):
+        self.limit, self.window, self.cap = limit, window, cap
+        self._fails: dict[str, deque] = {}
+        self._lock = threading.Lock()
+
+    def wait(self, client: str) -> float:
+        """Seconds until `client` may try again (0: now)."""
+        now = time.monotonic()
+        with self._lock:
+            q = self._fails.get(client)
+            while q and q[0] <= now - self.window:
+                q.popleft()
+            if q is not None and not q:
+                del self._fails[client]
+            return q[0] + self.window - now if q and len(q) >= self.limit else 0.0
+
+    def failed(self, client: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if len(self._fails) >= self.cap:  # bounded memory: forget clients whose last failure is old
+                for k in [k for k, q in self._fails.items() if not q or q[-1] <= now - self.window]:
+                    del self._fails[k]
+            self._fails.setdefault(client, deque(maxlen=self.limit)).append(now)
+
+    def succeeded(self, client: str) -> None:
+        with self._lock:
+            self._fails.pop(client, None)
+
+
+def session_cookie(sid: str, ttl: float = SESSION_TTL) -> str:
+    return f"{COOKIE}={sid}; HttpOnly; SameSite=Strict; Path=/; Max-Age={int(ttl)}"
+
+
+def session_of(headers: dict[str, str]) -> str:
+    return _cookies(headers.get("cookie", "")).get(COOKIE, "")
+
+
+def _client(scope) -> str:
+    client = scope.get("client")
+    return str(client[0]) if client else "?"
 
 
 def _host_of(url: str) -> str | None:
@@ -105,22 +185,25 @@ class Guard:
     Pure ASGI rather than BaseHTTPMiddleware so streamed responses (chat, zip downloads) pass
     through untouched."""
 
-    def __init__(self, app, token: str | None, csrf: str | None = None, login_page: bytes = b""):
+    def __init__(self, app, token: str | None, csrf: str | None = None, login_page: bytes = b"",
+                 sessions: Sessions | None = None, throttle: Throttle | None = None):
         self.app = app
         self.token = token
-        self.session = session_value(token) if token else None
+        self.sessions = sessions or Sessions()
+        self.throttle = throttle or Throttle()
         self.csrf = csrf or secrets.token_urlsafe(32)
         self.login_page = login_page
 
-    def authenticated(self, headers: dict[str, str]) -> tuple[bool, bool]:
-        """(authenticated, by bearer token)."""
+    def authenticated(self, headers: dict[str, str], client: str = "?") -> tuple[bool, bool]:
+        """(authenticated, by bearer token). A wrong bearer token counts as a failed login."""
         if self.token is None:
             return True, False
         auth = headers.get("authorization", "")
-        if auth.lower().startswith("bearer ") and hmac.compare_digest(auth[7:].strip().encode(), self.token.encode()):
-            return True, True
-        cookie = _cookies(headers.get("cookie", "")).get(COOKIE, "")
-        return bool(cookie) and hmac.compare_digest(cookie.encode(), self.session.encode()), False
+        if auth.lower().startswith("bearer "):
+            if hmac.compare_digest(auth[7:].strip().encode(), self.token.encode()):
+                return True, True
+            self.throttle.failed(client)
+        return self.sessions.valid(session_of(headers)), False
 
     def same_origin(self, headers: dict[str, str]) -> bool:
         host = headers.get("host", "").lower()
@@ -151,13 +234,20 @@ class Guard:
         if self.token is None and _split_host(headers.get("host", "")).lower() not in LOOPBACK_NAMES:
             return await _reply(send_headers, 403, {"error": "unexpected Host header",
                                                     "hint": "open the UI at http://127.0.0.1:PORT/"})
-        ok, bearer = self.authenticated(headers)
+        client = _client(scope)
+        if self.token is not None and headers.get("authorization", "").lower().startswith("bearer "):
+            wait = self.throttle.wait(client)
+            if wait:  # guessing the token by script is throttled like guessing it in the form
+                return await _reply(send_headers, 429, {"error": "too many wrong tokens from this address",
+                                                        "hint": f"wait {wait:.0f} s"},
+                                    extra=[(b"retry-after", str(int(wait) + 1).encode())])
+        ok, bearer = self.authenticated(headers, client)
         if path == "/login" and self.token is not None:
             if method != "POST":
                 return await _reply(send_headers, 200, self.login_page, "text/html; charset=utf-8")
             if not self.same_origin(headers):  # no CSRF token before login; the origin must still be ours
                 return await _reply(send_headers, 403, {"error": "cross-site request refused (Origin/Referer is not this server)"})
-            return await self.login(scope, receive, send_headers)
+            return await self.login(scope, receive, send_headers, headers, client)
         if not ok and path not in PUBLIC:
             if api or method not in SAFE_METHODS:
                 return await _reply(send_headers, 401, {"error": "not logged in", "hint": "open / and enter the token"},
@@ -171,20 +261,32 @@ class Guard:
                                                         "hint": "reload the page"})
         return await self.app(scope, receive, send_headers)
 
-    async def login(self, scope, receive, send):
+    def _login_page(self, message: str) -> bytes:
+        return self.login_page.replace(b"<!--error-->", f'<p class="error" role="alert">{message}</p>'.encode())
+
+    async def login(self, scope, receive, send, headers: dict[str, str], client: str):
+        wait = self.throttle.wait(client)
+        if wait:  # checked before the token is even read: a correct guess in the wait does not count
+            return await _reply(send, 429, self._login_page(f"Too many wrong tokens. Try again in {wait:.0f} s."),
+                                "text/html; charset=utf-8", extra=[(b"retry-after", str(int(wait) + 1).encode())])
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > LOGIN_FORM_MAX:
+            return await _reply(send, 413, {"error": "login form too large"})
         body = b""
         while True:
             msg = await receive()
             body += msg.get("body", b"")
-            if len(body) > 4096:
+            if len(body) > LOGIN_FORM_MAX:
                 return await _reply(send, 413, {"error": "login form too large"})
             if not msg.get("more_body"):
                 break
         given = (parse_qs(body.decode("utf-8", "replace")).get("token") or [""])[0].strip()
         if not hmac.compare_digest(given.encode(), self.token.encode()):
-            page = self.login_page.replace(b"<!--error-->", b'<p class="error" role="alert">Wrong token.</p>')
-            return await _reply(send, 401, page, "text/html; charset=utf-8")
-        cookie = f"{COOKIE}={self.session}; HttpOnly; SameSite=Strict; Path=/"
+            self.throttle.failed(client)
+            return await _reply(send, 401, self._login_page("Wrong token."), "text/html; charset=utf-8")
+        self.throttle.succeeded(client)
+        self.sessions.end(session_of(headers))  # a fresh id at every login: a planted one is worthless
+        cookie = session_cookie(self.sessions.new(), self.sessions.ttl)
         await send({"type": "http.response.start", "status": 303,
                     "headers": [(b"location", b"/"), (b"set-cookie", cookie.encode()), (b"content-length", b"0")]})
         await send({"type": "http.response.body", "body": b""})

@@ -19,19 +19,32 @@ from ..data import file_sha256
 from ..errors import UserError
 
 
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".txt", ".xlsx", ".xlsm")  # what readers.read reads
+
+
 class TooLarge(Exception):
     pass
+
+
+# Characters that make a name display as something else: bidirectional embeddings, overrides and
+# isolates ("evil\u202Elnosj.exe" shows as "evilexe.jsonl"), the invisible direction marks, and
+# line/paragraph separators. Control characters (Cc) are refused as well.
+INVISIBLE = {*map(chr, range(0x202A, 0x202F)), *map(chr, range(0x2066, 0x206A)), "\u200e", "\u200f", "\u061c",
+             "\u2028", "\u2029"}
 
 
 def safe_name(name: str | None) -> str:
     """The name itself, or UserError: no path parts, no NUL or control characters, no hidden files."""
     if not name:
         raise UserError("the upload has no file name")
-    if any(c in name for c in ("/", "\\", "\x00")) or any(unicodedata.category(c) == "Cc" for c in name):
-        raise UserError(f"upload name {name!r} is not a plain file name", "rename the file (no folders or control characters)")
+    if any(c in name for c in ("/", "\\", "\x00")) or any(unicodedata.category(c) == "Cc" or c in INVISIBLE for c in name):
+        raise UserError(f"upload name {name!r} is not a plain file name",
+                        "rename the file (no folders, control characters or text-direction characters)")
     if name.startswith(".") or name != name.strip() or len(name.encode("utf-8")) > 200:
         raise UserError(f"upload name {name!r} is not a plain file name",
                         "rename the file: no leading dot or spaces, at most 200 bytes")
+    if os.path.splitext(name)[1].lower() not in DATA_SUFFIXES:  # the New run form would refuse it anyway
+        raise UserError(f"upload name {name!r} is not a data file", f"upload a {', '.join(DATA_SUFFIXES)} file")
     return name
 
 
