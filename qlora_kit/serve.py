@@ -51,6 +51,8 @@ BASE = "base"  # model id of the base model; reserved, no adapter may use it
 MAX_STOP = 4  # OpenAI's limit on stop strings
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_BODY = 8 << 20
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes an int64
+MIN_API_KEY = 16  # as the web UI's token: off loopback a key is all that stands between a network and the models
 
 
 # --- errors -----------------------------------------------------------------------------------------
@@ -88,18 +90,74 @@ class ChatRequest:
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # counted after admission (Service._admit): tokenizing is the costly part
+    max_tokens_param: str = "max_tokens"  # or max_completion_tokens: the field an error names
+
+
+JSON_TYPES = {bool: "boolean", str: "string", list: "array", dict: "object", float: "number", int: "integer"}
+
+
+def _kind(v) -> str:
+    return JSON_TYPES.get(type(v), type(v).__name__)
 
 
 def _number(body: dict, key: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
     v = body.get(key)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise _bad(f"'{key}' must be a number, got {type(v).__name__}", key, "invalid_type")
-    if v < lo or (lo_open and v == lo) or v > hi:
+    # bool is an int in Python but not a number in JSON; inf/nan parse from JSON but mean nothing here
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not math.isfinite(v)):
+        raise _bad(f"'{key}' must be a number, got {_kind(v)}", key, "invalid_type")
+    if v < lo or (lo_open and v == lo) or v > hi:  # int vs float compares exactly, so a 400-digit int is fine
         raise _bad(f"'{key}' must be {'>' if lo_open else '>='} {lo:g} and <= {hi:g}, got {v}", key, "invalid_value")
     return float(v)
+
+
+def _integer(body: dict, key: str, default: int | None, lo: int, hi: int, message: str | None = None) -> int | None:
+    v = body.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise _bad(f"'{key}' must be an integer, got {_kind(v)}", key, "invalid_type")
+    if not lo <= v <= hi:
+        raise _bad(message or f"'{key}' must be between {lo} and {hi}, got {v}", key, "invalid_value")
+    return v
+
+
+def _logit_bias(body: dict) -> None:
+    """Accepted and ignored (clients send {}), but checked as OpenAI checks it: token id -> -100..100."""
+    lb = body.get("logit_bias")
+    if lb is None:
+        return
+    if not isinstance(lb, dict):
+        raise _bad(f"'logit_bias' must be an object, got {_kind(lb)}", "logit_bias", "invalid_type")
+    for tok, bias in lb.items():
+        if not tok.isdigit():
+            raise _bad(f"'logit_bias' keys must be token ids, got {tok!r}", "logit_bias", "invalid_value")
+        _number({"logit_bias": bias}, "logit_bias", 0.0, -100.0, 100.0)
+
+
+def _context_limit(model) -> int | None:
+    """The model's context length in tokens, if its config states one."""
+    cfg = getattr(model, "config", None)
+    for attr in ("max_position_embeddings", "n_positions", "seq_length"):
+        v = getattr(cfg, attr, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
+
+
+def _chars_per_token(tokenizer) -> int:
+    """An upper bound on the characters one token can cover, so a prompt's length in characters
+    bounds its token count from below without tokenizing it.
+
+    A token covers at most as many characters as its vocabulary entry has (byte-level entries spell
+    one character per byte, SentencePiece's and byte-fallback entries over-count). x4: Unicode
+    normalization (NFC in Qwen's tokenizer) folds at most four code points into one. The floor
+    keeps small vocabularies generous too. Only a normalizer that deletes characters outright
+    could beat it; chat models' tokenizers do not."""
+    longest = max((len(t) for t in tokenizer.get_vocab()), default=0)
+    return 4 * max(longest, 16)
 
 
 def _content(i: int, c) -> str:
@@ -241,6 +299,9 @@ class Service:
         self.default_max_tokens = default_max_tokens
         self.max_tokens_cap = max(max_tokens_cap, default_max_tokens)
         self.max_queue = max_queue
+        self.context = _context_limit(engine.model)
+        # per adapter (and the base, which renders with the first adapter's tokenizer): see parse()
+        self._chars_per_token = {n: _chars_per_token(a.tokenizer) for n, a in engine.adapters.items()}
         self._inflight = 0
         self._count_lock = threading.Lock()
         self.stats = {"completed": 0, "cancelled": 0, "failed": 0, "rejected": 0}
@@ -297,23 +358,20 @@ class Service:
         adapter = None if (model == BASE and self.engine.kind == "adapter") else model
         msgs = _messages(body)
 
-        key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-        max_tokens = body.get(key)
-        if max_tokens is None:
-            max_tokens = self.default_max_tokens
-        elif isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
-            raise _bad(f"'{key}' must be an integer", key, "invalid_type")
-        elif not 1 <= max_tokens <= self.max_tokens_cap:
-            raise _bad(f"'{key}' must be between 1 and {self.max_tokens_cap}, got {max_tokens}", key, "invalid_value")
+        cap = min(self.max_tokens_cap, self.context or self.max_tokens_cap)
+        lengths = {k: _integer(body, k, None, 1, cap) for k in ("max_tokens", "max_completion_tokens")}
+        key = "max_completion_tokens" if lengths["max_completion_tokens"] is not None else "max_tokens"
+        max_tokens = lengths[key] or min(self.default_max_tokens, cap)
 
         temperature = _number(body, "temperature", 0.0, 0.0, 2.0)
         top_p = _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
-        n = body.get("n")
-        if n is not None and (isinstance(n, bool) or n != 1):
-            raise _bad("only n=1 is supported", "n", "invalid_value")
-        seed = body.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise _bad("'seed' must be an integer", "seed", "invalid_type")
+        _integer(body, "n", 1, 1, 1, "only n=1 is supported")
+        seed = _integer(body, "seed", None, 0, MAX_SEED)
+        # accepted and ignored, but held to OpenAI's ranges so a typo is not silently taken
+        for k in ("presence_penalty", "frequency_penalty"):
+            _number(body, k, 0.0, -2.0, 2.0)
+        _integer(body, "top_logprobs", None, 0, 20)
+        _logit_bias(body)
         stop = body.get("stop")
         stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
         if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(x, str) for x in stop):
@@ -324,18 +382,40 @@ class Service:
         opts = body.get("stream_options") or {}
         if not isinstance(opts, dict):
             raise _bad("'stream_options' must be an object", "stream_options", "invalid_type")
+        if opts.get("include_usage") is not None and not isinstance(opts["include_usage"], bool):
+            raise _bad("'stream_options.include_usage' must be a boolean", "stream_options.include_usage", "invalid_type")
 
         a = self.engine.template_for(adapter)
         if a.system_prompt and not any(m["role"] == "system" for m in msgs):
             msgs.insert(0, {"role": "system", "content": a.system_prompt})
-        # rendered here once so template and length errors are a 400 before anything is queued
-        prompt_tokens = self._prompt_tokens(a, msgs)
-        limit = getattr(getattr(self.engine.model, "config", None), "max_position_embeddings", None)
-        if isinstance(limit, int) and prompt_tokens + max_tokens > limit:
-            raise _bad(f"This model's maximum context length is {limit} tokens; the messages take {prompt_tokens} "
-                       f"and {key} asks for {max_tokens} more", "messages", "context_length_exceeded")
+        self._check_chars(adapter, msgs, max_tokens, key)
         return ChatRequest(model, adapter, msgs, max_tokens, temperature, top_p, seed, stop, bool(stream),
-                           bool(opts.get("include_usage")), prompt_tokens)
+                           bool(opts.get("include_usage")), max_tokens_param=key)
+
+    def _check_chars(self, adapter: str | None, msgs: list[dict], max_tokens: int, key: str) -> None:
+        """Refuse, without tokenizing, a prompt too long in characters to fit the context in tokens.
+
+        Tokenizing a prompt of megabytes takes seconds and gigabytes; a character count bounds
+        the token count from below (see _chars_per_token), so what this refuses, tokenizing would
+        refuse too. What passes is counted exactly once admitted (_measure)."""
+        if not self.context:
+            return
+        chars = sum(len(m["content"]) for m in msgs)
+        per = self._chars_per_token[adapter or next(iter(self._chars_per_token))]
+        at_least = -(-chars // per)
+        if at_least + max_tokens > self.context:
+            raise _bad(f"This model's maximum context length is {self.context} tokens; the messages have {chars} "
+                       f"characters, at least {at_least} tokens (at most {per} characters per token), and {key} "
+                       f"asks for {max_tokens} more", "messages", "context_length_exceeded")
+
+    def _measure(self, req: ChatRequest) -> None:
+        """Render and count the prompt (template errors are a 400), refusing what does not fit."""
+        a = self.engine.template_for(req.adapter)
+        req.prompt_tokens = self._prompt_tokens(a, req.messages)
+        if self.context and req.prompt_tokens + req.max_tokens > self.context:
+            raise _bad(f"This model's maximum context length is {self.context} tokens; the messages take "
+                       f"{req.prompt_tokens} and {req.max_tokens_param} asks for {req.max_tokens} more", "messages",
+                       "context_length_exceeded")
 
     @staticmethod
     def _prompt_tokens(a, msgs: list[dict]) -> int:
@@ -349,18 +429,38 @@ class Service:
 
     # --- admission
 
+    def _check_room(self) -> None:
+        # caller holds _count_lock
+        if self._inflight > self.max_queue:  # one running + max_queue waiting
+            self.stats["rejected"] += 1
+            raise ApiError(429, f"the server is busy: {self._inflight - 1} requests are already waiting; retry later",
+                           "rate_limit_error", None, "server_busy", {"Retry-After": "1"})
+
+    def refuse_if_full(self) -> None:
+        """429 at once when no slot is free, before a body is even read: a flood costs nothing.
+        Takes no slot; `_enter` checks again when the request is parsed."""
+        with self._count_lock:
+            self._check_room()
+
     def _enter(self) -> None:
         with self._count_lock:
-            if self._inflight > self.max_queue:  # one running + max_queue waiting
-                self.stats["rejected"] += 1
-                raise ApiError(429, f"the server is busy: {self._inflight - 1} requests are already waiting; retry later",
-                               "rate_limit_error", None, "server_busy", {"Retry-After": "1"})
+            self._check_room()
             self._inflight += 1
 
-    def _leave(self, outcome: str) -> None:
+    def _leave(self, outcome: str | None) -> None:
         with self._count_lock:
             self._inflight -= 1
-            self.stats[outcome] += 1
+            if outcome:
+                self.stats[outcome] += 1
+
+    def _admit(self, req: ChatRequest) -> None:
+        """Take a slot (or 429), then tokenize: a flood is refused before it costs any tokenizing."""
+        self._enter()
+        try:
+            self._measure(req)
+        except BaseException:
+            self._leave(None)  # a request refused with 400, not a failed generation
+            raise
 
     @property
     def inflight(self) -> int:
@@ -386,7 +486,7 @@ class Service:
     def complete(self, body: dict | ChatRequest, cancel: threading.Event | None = None) -> dict:
         """A `chat.completion` object. Blocks while earlier requests generate."""
         req = body if isinstance(body, ChatRequest) else self.parse(body)
-        self._enter()
+        self._admit(req)
         res = self._generate(req, cancel=cancel)
         return {"id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion", "created": int(time.time()),
                 "model": req.model, "system_fingerprint": None,
@@ -396,10 +496,11 @@ class Service:
 
     def stream(self, body: dict | ChatRequest) -> ChatStream:
         """`chat.completion.chunk` dicts: a role delta, content deltas, one with finish_reason, and
-        a usage chunk if `stream_options.include_usage`. Validation and the 429 happen here, before
-        the first chunk; close() the stream when the reader goes away."""
+        a usage chunk if `stream_options.include_usage`. Validation, the 429 and the prompt's
+        tokenizing happen here, before the first chunk (so call it off the event loop); close() the
+        stream when the reader goes away."""
         req = body if isinstance(body, ChatRequest) else self.parse(body)
-        self._enter()
+        self._admit(req)
         try:
             return ChatStream(self, req)
         except BaseException:
@@ -431,6 +532,26 @@ async def _in_thread(fn, *args):
 
     threading.Thread(target=run, daemon=True, name="qlora-kit-request").start()
     return await fut
+
+
+def _too_large(limit: int) -> ApiError:
+    # close the connection: otherwise the server would go on receiving (and discarding) the rest
+    return ApiError(413, f"the request body is larger than {limit >> 20} MiB", "invalid_request_error", None,
+                    "request_too_large", {"Connection": "close"})
+
+
+async def _read_body(request, limit: int = MAX_BODY) -> bytearray:
+    """The body, refused with 413 by its Content-Length before any of it is read, or, when it is
+    streamed (chunked), as soon as it passes `limit`: memory never holds more than `limit`."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    buf = bytearray()
+    async for chunk in request.stream():
+        buf += chunk
+        if len(buf) > limit:
+            raise _too_large(limit)
+    return buf
 
 
 async def _disconnected(request) -> None:
@@ -556,16 +677,16 @@ def create_app(service: Service, api_key: str | None = None) -> fastapi.FastAPI:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype != "application/json":
             raise _bad(f"Content-Type must be application/json, got {ctype or 'none'!r}", None, "invalid_content_type")
-        raw = await request.body()
-        if len(raw) > MAX_BODY:
-            raise ApiError(413, f"the request body is larger than {MAX_BODY >> 20} MiB", "invalid_request_error")
+        service.refuse_if_full()
+        raw = await _read_body(request)
         try:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
             raise _bad(f"We could not parse the JSON body of your request: {e}", None, "invalid_json") from e
-        req = await _in_thread(service.parse, body)  # renders the template: keep it off the loop
+        del raw
+        req = await _in_thread(service.parse, body)  # walks megabytes of messages: keep it off the loop
         if req.stream:
-            st = service.stream(req)
+            st = await _in_thread(service.stream, req)  # admits, then tokenizes the prompt
             return StreamingResponse(_sse_stream(st), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         cancel = threading.Event()  # a client that gives up waiting should not cost a generation
@@ -622,11 +743,20 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def bind_warning(host: str, api_key: str | None) -> str | None:
-    if api_key or is_loopback(host):
-        return None
-    return (f"warning: serving on {host} without an API key: anyone who can reach this machine can use the "
-            "models. Pass --api-key (or --api-key-file), or bind 127.0.0.1.")
+def check_bind(host: str, api_key: str | None) -> None:
+    """Off loopback anyone who can reach the port could use the models and read every adapter's
+    system prompt (/v1/models): refuse to start without a key that cannot be guessed."""
+    if is_loopback(host):
+        return
+    hint = ("write a secret of 16+ characters into a file and pass --api-key-file FILE, e.g. "
+            "`python -c 'import secrets; print(secrets.token_urlsafe(32))' > serve.key`; or keep the default "
+            "--host 127.0.0.1 and reach it through an SSH tunnel")
+    if not api_key:
+        raise UserError(f"refusing to serve on {host} without an API key: anyone who can reach it could use the "
+                        "models and read their system prompts", hint)
+    if len(api_key) < MIN_API_KEY:
+        raise UserError(f"refusing to serve on {host} with an API key of {len(api_key)} characters: off this machine "
+                        f"it needs at least {MIN_API_KEY}", hint)
 
 
 @dataclass
@@ -736,13 +866,11 @@ def _url(host: str, port: int) -> str:
 def main(runs: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, engine: str = "hf",
          max_tokens: int = 256, max_queue: int = 64) -> None:
     """Serve the runs (RUN_DIR or NAME=RUN_DIR) over an OpenAI-compatible API until interrupted."""
+    check_bind(host, api_key)  # before anything is loaded or bound
     named = parse_runs(runs)
-    warning = bind_warning(host, api_key)
     if engine == "vllm":
         _check_vllm()
         argv = vllm_command(run_infos(named), host, port, api_key)
-        if warning:
-            print(warning, file=sys.stderr)
         print(f"starting vLLM for {', '.join([*named, BASE])} at {_url(host, port)}", file=sys.stderr)
         os.execvpe(argv[0], argv, vllm_env(api_key))
     if engine != "hf":
@@ -765,8 +893,6 @@ def main(runs: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: st
     app = create_app(service, api_key)
     sock = _bind(host, port)
     bound = sock.getsockname()[1]
-    if warning:
-        print(warning, file=sys.stderr)
     print(f"serving {', '.join(service.model_ids)} at {_url(host, bound)}"
           f"{' (API key required)' if api_key else ''}", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)

@@ -377,10 +377,16 @@ def test_main_serves_on_loopback_by_default(tiny_run, injury_run, tmp_path):
         p.wait(30)
 
 
-def test_bind_warning_and_run_names(tiny_run, injury_run):
-    assert serve.bind_warning("127.0.0.1", None) is None and serve.bind_warning("::1", None) is None
-    assert serve.bind_warning("localhost", None) is None and serve.bind_warning("0.0.0.0", "k") is None
-    assert "without an API key" in serve.bind_warning("0.0.0.0", None)
+def test_check_bind_and_run_names(tiny_run, injury_run):
+    for host in ("127.0.0.1", "::1", "[::1]", "localhost"):  # loopback: any key or none
+        serve.check_bind(host, None)
+        serve.check_bind(host, "k")
+    serve.check_bind("0.0.0.0", "k" * 16)
+    with pytest.raises(UserError, match="without an API key") as e:
+        serve.check_bind("0.0.0.0", None)
+    assert "--api-key-file" in e.value.hint
+    with pytest.raises(UserError, match="at least 16"):
+        serve.check_bind("192.168.1.5", "k" * 15)
     run = tiny_run[0]
     assert serve.parse_runs([str(run), f"injury={injury_run}"]) == {run.name: run, "injury": injury_run}
     with pytest.raises(UserError, match="reserved"):
