@@ -260,6 +260,7 @@ def main() -> None:
     ap.add_argument("--src", type=Path, help="serve the qlora_kit package in this folder instead of this checkout")
     ap.add_argument("--baseline-src", type=Path, help="also measure the package in this folder (e.g. an older "
                     "commit: git archive COMMIT qlora_kit | tar -x -C DIR), reported as the baseline")
+    ap.add_argument("--baseline-label", help="what the baseline is, for the record (e.g. its commit)")
     ap.add_argument("--body-mb", type=float, default=300)
     ap.add_argument("--prompt-mb", type=float, default=7.6)
     ap.add_argument("--concurrent", type=int, default=3)
@@ -273,8 +274,8 @@ def main() -> None:
         tmp = Path(tmp)
         run = a.run_dir or train_tiny(tmp)
         if a.baseline_src:
-            result["baseline"] = cases(run, tmp, a.baseline_src, a)
-            table(f"baseline ({a.baseline_src})", result["baseline"])
+            result["baseline"] = {"label": a.baseline_label, **cases(run, tmp, a.baseline_src, a)}
+            table(f"baseline ({a.baseline_label or a.baseline_src})", result["baseline"])
         result.update(cases(run, tmp, a.src, a))
     table(f"this checkout ({a.src or ROOT})", result)
     a.out.parent.mkdir(parents=True, exist_ok=True)
