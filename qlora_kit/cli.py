@@ -27,6 +27,17 @@ app = typer.Typer(
 err = Console(stderr=True, soft_wrap=True)
 out = Console()
 
+# Commands that read a run directory take these grants from their own command line only: the run's
+# recipe.yaml may come from anyone (recipe.Grants, model.refuse_unsafe).
+TRUST_HELP = "allow the base model's own Python code (auto_map) to run; a run's recipe.yaml never grants it"
+PICKLE_HELP = "accept pickled *.bin weights (they can run code); a run's recipe.yaml never grants it"
+
+
+def _grants(trust_remote_code: bool, allow_pickle: bool):
+    from .recipe import Grants
+
+    return Grants(trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+
 
 @app.command("recipes")
 def recipes_cmd() -> None:
@@ -60,8 +71,11 @@ def train_cmd(
     columns: Optional[str] = typer.Option(None, "--columns", help="explicit data mapping, e.g. question=ask,answer=answer"),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="drop unreadable data rows (counted) instead of stopping"),
     scrub_pii: bool = typer.Option(False, "--scrub-pii", help="redact personal data before training"),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow model code from its repository"),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="accept pickled *.bin weights (they can run code)"),
+    # --no-...: the ui's jobs state the ui's own grants, overriding whatever the recipe file says
+    trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code/--no-trust-remote-code",
+                                                     help="allow model code from its repository (default: the recipe's trust_remote_code)"),
+    allow_pickle: Optional[bool] = typer.Option(None, "--allow-pickle/--no-allow-pickle",
+                                                help="accept pickled *.bin weights, they can run code (default: the recipe's allow_pickle)"),
     from_adapter: Optional[Path] = typer.Option(None, "--from-adapter", help="continue training this run's adapter on new data"),
     force: bool = typer.Option(False, "--force", help="start an existing --run-dir over instead of resuming it"),
     auto_batch: bool = typer.Option(False, "--auto-batch", help="on CUDA out-of-memory, halve the micro-batch and retry"),
@@ -81,8 +95,8 @@ def train_cmd(
         "data.scrub_pii": True if scrub_pii else None,
         "base_model": base_model,
         "training.max_steps": max_steps,
-        "trust_remote_code": True if trust_remote_code else None,
-        "allow_pickle": True if allow_pickle else None,
+        "trust_remote_code": trust_remote_code,
+        "allow_pickle": allow_pickle,
         "from_adapter": str(from_adapter.resolve()) if from_adapter else None,
     }
     resolved, _ = recipe_mod.resolve(recipe, set_, flags)
@@ -167,11 +181,13 @@ def merge_cmd(
     out_dir: Optional[Path] = typer.Option(None, "--out", help="output folder (default: RUN_DIR/merged)"),
     dtype: str = typer.Option("bf16", "--dtype", help="bf16 | fp16 | fp32"),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="safetensors shard size"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help=PICKLE_HELP),
 ) -> None:
     """Dequantize the 4-bit base, merge the adapter, verify, save a standalone model."""
     from . import merge
 
-    report = merge.run(run_dir, out_dir, dtype, max_shard_size)
+    report = merge.run(run_dir, out_dir, dtype, max_shard_size, grants=_grants(trust_remote_code, allow_pickle))
     print(report["out"])
 
 
@@ -180,11 +196,13 @@ def generate_cmd(
     model_dir: Path = typer.Argument(..., help="a run directory (adapter) or a merged model folder"),
     prompt: str = typer.Option(..., "--prompt", "-p", help="the question"),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help=PICKLE_HELP),
 ) -> None:
     """Answer one question with a trained adapter or merged model (greedy, stored chat template)."""
     from . import generate
 
-    loaded = generate.load(model_dir)
+    loaded = generate.load(model_dir, _grants(trust_remote_code, allow_pickle))
     print(generate.answer(loaded, prompt, max_new_tokens))
 
 
@@ -194,11 +212,14 @@ def eval_cmd(
     data: Optional[Path] = typer.Option(None, "--data", help="questions to evaluate on (default: the run's held-out split)"),
     limit: Optional[int] = typer.Option(None, "--limit", help="evaluate at most N samples"),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help=PICKLE_HELP),
 ) -> None:
     """Base vs tuned on held-out questions: domain metrics, report.md/.html, review.csv."""
     from . import evaluate
 
-    result = evaluate.run(run_dir, str(data) if data else None, limit, max_new_tokens)
+    result = evaluate.run(run_dir, str(data) if data else None, limit, max_new_tokens,
+                          grants=_grants(trust_remote_code, allow_pickle))
     from .report import metric_rows
 
     from rich.table import Table
@@ -220,11 +241,13 @@ def chat_cmd(
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="answer this one question and exit"),
     use: Optional[str] = typer.Option(None, "--use", help="adapter to start with (default: the first)"),
     max_new_tokens: int = typer.Option(512, "--max-new-tokens"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help=PICKLE_HELP),
 ) -> None:
     """Chat with a tuned model, streaming; /use NAME switches adapters without reloading the base."""
     from . import chat, generate
 
-    engine = generate.Engine.from_runs(chat.parse_adapters(run_dir, adapter))
+    engine = generate.Engine.from_runs(chat.parse_adapters(run_dir, adapter), _grants(trust_remote_code, allow_pickle))
     if use:
         engine.use(None if use == "base" else use)
     if prompt is not None:
@@ -244,6 +267,8 @@ def serve_cmd(
     engine: str = typer.Option("hf", "--engine", help="hf (transformers, 4-bit) | vllm (GPU, multi-LoRA)"),
     max_tokens: int = typer.Option(256, "--max-tokens", help="default completion length when a request gives none"),
     max_queue: int = typer.Option(64, "--max-queue", help="requests allowed to wait; beyond that, 429 server_busy"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help=PICKLE_HELP),
 ) -> None:
     """OpenAI-compatible API (/v1/models, /v1/chat/completions) for several adapters on one base."""
     from . import serve
@@ -259,7 +284,8 @@ def serve_cmd(
     runs = [str(p) for p in (run_dirs or [])] + list(adapter)
     if not runs:
         raise UserError("no run directory given", "qlora-kit serve RUN_DIR [RUN_DIR ...] or --adapter NAME=RUN_DIR")
-    serve.main(runs, host=host, port=port, api_key=key, engine=engine, max_tokens=max_tokens, max_queue=max_queue)
+    serve.main(runs, host=host, port=port, api_key=key, engine=engine, max_tokens=max_tokens, max_queue=max_queue,
+               grants=_grants(trust_remote_code, allow_pickle))
 
 
 @app.command("export")
@@ -268,11 +294,13 @@ def export_cmd(
     fmt: str = typer.Option("gguf", "--format", help="gguf (llama.cpp, Ollama) | peft (a vLLM-ready adapter)"),
     dtype: str = typer.Option("f16", "--dtype", help="GGUF tensor type: f16 | bf16 | q8_0 | f32"),
     out: Optional[Path] = typer.Option(None, "--out", help="output file or folder (default: under RUN_DIR/export/)"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help=PICKLE_HELP),
 ) -> None:
     """Export the tuned model: a GGUF file of the merged model, or the adapter for vLLM."""
     from . import export
 
-    report = export.run(run_dir, fmt, out, dtype)
+    report = export.run(run_dir, fmt, out, dtype, grants=_grants(trust_remote_code, allow_pickle))
     for w in report.get("warnings", []):
         err.print(f"[yellow]warning[/]: {w}", highlight=False)
     print(report["out"])
@@ -284,13 +312,17 @@ def ui_cmd(
     host: str = typer.Option("127.0.0.1", "--host", help="address to bind; any other than loopback needs --token-file"),
     port: int = typer.Option(7860, "--port"),
     token_file: Optional[Path] = typer.Option(None, "--token-file", help="file holding the access token (required off loopback)"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="let the page's runs, merges, exports, "
+                                           "evaluations and Try load models that bring their own Python code; no form field can"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="the same for pickled *.bin weights"),
     data_dir: list[Path] = typer.Option([], "--data-dir", help="a folder the New run form may read data and recipes "
                                         "from, besides --runs and its uploads (repeatable)"),
 ) -> None:
     """A local web page to start, watch, compare and try fine-tunes."""
     from . import ui
 
-    ui.main(runs, host=host, port=port, token_file=token_file, data_dirs=data_dir)
+    ui.main(runs, host=host, port=port, token_file=token_file, grants=_grants(trust_remote_code, allow_pickle),
+            data_dirs=data_dir)
 
 
 data_app = typer.Typer(help="Check, redact and generate training data.", no_args_is_help=True)

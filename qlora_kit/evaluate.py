@@ -66,21 +66,26 @@ def _percentile(xs, q):
 
 
 def run(run_dir: str | Path, data_file: str | None = None, limit: int | None = None,
-        max_new_tokens: int | None = None) -> dict:
+        max_new_tokens: int | None = None, grants=None) -> dict:
+    """`grants` (recipe.Grants): what this command's flags allow; the run's recipe.yaml grants nothing."""
     from . import generate
-    from .recipe import load_saved
+    from .model import refuse_unsafe
+    from .recipe import Grants, load_run_recipe
 
+    grants = grants or Grants()
     run_dir = Path(run_dir)
     info = rundir.read_info(run_dir)
     rundir.require_adapter(run_dir)
-    recipe = load_saved(run_dir / "recipe.yaml")
+    recipe = load_run_recipe(run_dir, grants)
+    # before the held-out data is prepared: a refusal should cost nothing
+    refuse_unsafe(info["base_model_path"], grants.trust_remote_code, grants.allow_pickle)
     ev = recipe.evaluation
     convs, wheres = held_out(run_dir, recipe, data_file)
     n = limit or ev.limit
     if n:
         convs, wheres = convs[:n], wheres[:n]
     max_new = max_new_tokens or ev.max_new_tokens
-    engine = generate.Engine.from_runs({"tuned": run_dir})
+    engine = generate.Engine.from_runs({"tuned": run_dir}, grants)
     console.print(f"eval: {len(convs)} held-out samples, task {ev.task}, greedy, up to {max_new} new tokens")
 
     rows = []

@@ -39,16 +39,18 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def run(run_dir: str | Path, fmt: str = "gguf", out: str | Path | None = None, dtype: str = "f16") -> dict:
+def run(run_dir: str | Path, fmt: str = "gguf", out: str | Path | None = None, dtype: str = "f16",
+        grants=None) -> dict:
     """Export a finished run (or, for gguf, a folder written by `qlora-kit merge`); returns a report
-    whose "out" is the written path."""
+    whose "out" is the written path. `grants` (recipe.Grants): this command's own flags; the run's
+    recipe.yaml grants nothing."""
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     if fmt == "peft":
         return export_peft(Path(run_dir), out)
-    return export_gguf(Path(run_dir), out, dtype)
+    return export_gguf(Path(run_dir), out, dtype, grants)
 
 
 # --- what is exported -----------------------------------------------------------------------------
@@ -66,6 +68,7 @@ class Source:
     run_dir: Path | None = None  # set when the adapter still has to be merged
     merged_dir: Path | None = None  # set when the model is already merged
     info: dict = field(default_factory=dict)
+    trust_remote_code: bool = False  # this command's --trust-remote-code, for loading the tokenizer
 
 
 def _read_json(p: Path) -> dict:
@@ -131,10 +134,16 @@ def _share(path: Path, mode: int) -> None:
 # --- GGUF -----------------------------------------------------------------------------------------
 
 
-def export_gguf(path: Path, out: str | Path | None, dtype: str) -> dict:
+def export_gguf(path: Path, out: str | Path | None, dtype: str, grants=None) -> dict:
     from . import merge as merge_mod
+    from .model import refuse_unsafe
+    from .recipe import Grants
 
+    grants = grants or Grants()
     src = _source(path)
+    if src.merged_dir is None:  # the base the merge will load: refused before anything is read
+        refuse_unsafe(src.info["base_model_path"], grants.trust_remote_code, grants.allow_pickle)
+    src.trust_remote_code = grants.trust_remote_code
     hf_arch, arch = _arch(src.config)
     if out is None:
         # a merged folder without its run: next to the folder, not inside the model
@@ -152,7 +161,7 @@ def export_gguf(path: Path, out: str | Path | None, dtype: str) -> dict:
         else:
             # fp32: every GGUF dtype is then rounded once, from the weights the merge check verified
             scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.merge-", dir=out.parent))
-            merge_report = merge_mod.run(src.run_dir, scratch / "merged", dtype="fp32")
+            merge_report = merge_mod.run(src.run_dir, scratch / "merged", dtype="fp32", grants=grants)
             model_dir = scratch / "merged"
         report = write_gguf(model_dir, src, arch, out, dtype)
     finally:
@@ -455,9 +464,9 @@ def _eos_id(tok, stops: list[int]) -> int | None:
 
 
 def _add_vocab(w, src: Source, arch: str, n_vocab: int, warnings: list) -> dict:
-    from transformers import AutoTokenizer
+    from .model import load_saved_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(src.tokenizer_dir)
+    tok = load_saved_tokenizer(src.tokenizer_dir, src.trust_remote_code)
     if len(tok) > n_vocab:
         raise UserError(f"{src.tokenizer_dir}: the tokenizer has {len(tok)} tokens but the embedding only {n_vocab} rows",
                         "a tokenizer and model that do not belong together cannot be exported")

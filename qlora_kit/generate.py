@@ -111,13 +111,15 @@ class Engine:
     # --- loading ----------------------------------------------------------------------------------
 
     @classmethod
-    def from_runs(cls, runs: dict[str, str | Path]) -> Engine:
-        """One 4-bit base (the runs must share it) with each run's adapter loaded under its name."""
+    def from_runs(cls, runs: dict[str, str | Path], grants=None) -> Engine:
+        """One 4-bit base (the runs must share it) with each run's adapter loaded under its name.
+        `grants` (recipe.Grants): what this command's own flags allow; the runs' recipes grant nothing."""
         from peft import PeftModel
-        from transformers import AutoTokenizer
 
-        from .model import load_4bit, quiet_libraries
-        from .recipe import load_saved
+        from .model import load_4bit, load_saved_tokenizer, quiet_libraries
+        from .recipe import Grants, load_run_recipe
+
+        grants = grants or Grants()
 
         quiet_libraries()
         model, adapters, base_path = None, {}, None
@@ -125,7 +127,7 @@ class Engine:
             p = Path(path)
             info = rundir.read_info(p)
             adapter_dir = rundir.require_adapter(p)
-            recipe = load_saved(p / "recipe.yaml")
+            recipe = load_run_recipe(p, grants)
             if base_path is None:
                 base_path = info["base_model_path"]
                 model = PeftModel.from_pretrained(load_4bit(base_path, recipe), adapter_dir, adapter_name=name)
@@ -134,7 +136,7 @@ class Engine:
                                 f"adapter's base", "adapters on one base must share that base model")
             else:
                 model.load_adapter(adapter_dir, adapter_name=name)
-            tok = AutoTokenizer.from_pretrained(p / rundir.TOKENIZER)
+            tok = load_saved_tokenizer(p / rundir.TOKENIZER, grants.trust_remote_code)
             adapters[name] = Adapter(name, p, tok, info["tokenizer"]["stop_token_ids"], recipe.data.system_prompt)
         model.eval()
         engine = cls(model, adapters, "adapter")
@@ -142,16 +144,19 @@ class Engine:
         return engine
 
     @classmethod
-    def from_merged(cls, path: str | Path) -> Engine:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    def from_merged(cls, path: str | Path, grants=None) -> Engine:
+        from transformers import AutoModelForCausalLM
 
-        from .model import quiet_libraries
-        from .recipe import load_saved
+        from .model import load_saved_tokenizer, quiet_libraries, refuse_unsafe
+        from .recipe import Grants, load_saved
 
+        grants = grants or Grants()
         quiet_libraries()
         p = Path(path)
-        tok = AutoTokenizer.from_pretrained(p)
-        model = AutoModelForCausalLM.from_pretrained(p).eval()
+        refuse_unsafe(p, grants.trust_remote_code, grants.allow_pickle)
+        tok = load_saved_tokenizer(p, grants.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(p, trust_remote_code=grants.trust_remote_code,
+                                                     use_safetensors=None if grants.allow_pickle else True).eval()
         stop = model.generation_config.eos_token_id
         stop = stop if isinstance(stop, list) else [stop]
         system = None
@@ -283,13 +288,13 @@ def _streamer_class():
     return CallbackStreamer
 
 
-def load(path: str | Path) -> Engine:
+def load(path: str | Path, grants=None) -> Engine:
     """A run directory (4-bit base + its adapter, as trained) or a merged model directory."""
     p = Path(path)
     if rundir.is_run_dir(p):
-        return Engine.from_runs({p.name: p})
+        return Engine.from_runs({p.name: p}, grants)
     if (p / "config.json").is_file():
-        return Engine.from_merged(p)
+        return Engine.from_merged(p, grants)
     raise UserError(f"{p} is neither a qlora-kit run directory nor a model directory",
                     "pass a run directory from `qlora-kit train` or a folder from `qlora-kit merge`")
 

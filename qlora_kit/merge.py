@@ -68,13 +68,14 @@ def _work_dtype(n_params: int):
     return torch.float32 if n_params * 4 < 0.8 * free else torch.bfloat16
 
 
-def run(run_dir: str | Path, out: str | Path | None = None, dtype: str = "bf16", max_shard_size: str = "5GB") -> dict:
+def run(run_dir: str | Path, out: str | Path | None = None, dtype: str = "bf16", max_shard_size: str = "5GB",
+        grants=None) -> dict:
+    """`grants` (recipe.Grants): what this command's flags allow; the run's recipe.yaml grants nothing."""
     import torch
     from peft import PeftModel
-    from transformers import AutoTokenizer
 
-    from .model import load_4bit, quiet_libraries
-    from .recipe import load_saved
+    from .model import load_4bit, load_saved_tokenizer, quiet_libraries, refuse_unsafe
+    from .recipe import Grants, load_run_recipe
 
     quiet_libraries()
     run_dir = Path(run_dir)
@@ -85,12 +86,14 @@ def run(run_dir: str | Path, out: str | Path | None = None, dtype: str = "bf16",
     out = Path(out) if out else run_dir / "merged"
     if out.exists() and any(out.iterdir()):
         raise UserError(f"output directory {out} exists and is not empty", "pass another --out or delete it")
-    recipe = load_saved(run_dir / "recipe.yaml")
+    recipe = load_run_recipe(run_dir, grants or Grants())
     base_path = info["base_model_path"]
     if not Path(base_path).is_dir():
         raise UserError(f"base model of this run not found at {base_path}",
                         "restore the base model there (the run card names it)")
-    tokenizer = AutoTokenizer.from_pretrained(run_dir / rundir.TOKENIZER)
+    # refused here, before the probe data is read, not only inside load_4bit
+    refuse_unsafe(base_path, recipe.trust_remote_code, recipe.allow_pickle)
+    tokenizer = load_saved_tokenizer(run_dir / rundir.TOKENIZER, recipe.trust_remote_code)
     texts = probe_texts(run_dir, tokenizer, recipe)
 
     # 1. reference: the adapter on the 4-bit base, exactly as trained

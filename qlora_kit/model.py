@@ -95,16 +95,15 @@ def resolve_base_model(spec: str, revision: str | None = None, trust_remote_code
         if not any(any(p.glob(g)) for g in WEIGHT_GLOBS):
             raise UserError(f"{p}: config.json but no weights (*.safetensors)",
                             "the download is incomplete; fetch the model again (hf download ID --local-dir DIR)")
-        if not any(p.glob("*.safetensors")) and not allow_pickle:
-            raise UserError(f"{p}: weights only in pickle format (*.bin), which can run code when loaded",
-                            "convert them to safetensors, or pass --allow-pickle if you trust the source")
+        refuse_pickle(p, allow_pickle)
+        refuse_custom_code(p, trust_remote_code)
         return str(p.resolve())
     from huggingface_hub import snapshot_download
 
     try:
         # safetensors only: pickled *.bin weights can run code when loaded
         patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
-        return snapshot_download(spec, revision=revision, allow_patterns=patterns + (["*.py"] if trust_remote_code else []))
+        path = snapshot_download(spec, revision=revision, allow_patterns=patterns + (["*.py"] if trust_remote_code else []))
     except Exception as e:  # offline, unknown repo, gated, ...: all fixable by the user
         kind = type(e).__name__
         raise UserError(
@@ -113,6 +112,61 @@ def resolve_base_model(spec: str, revision: str | None = None, trust_remote_code
             f"on a machine with network run `hf download {spec} --local-dir DIR` (or copy the model folder here) "
             "and pass --base-model /path/to/model; for a quick offline test use --base-model builtin:tiny",
         ) from None
+    refuse_custom_code(path, trust_remote_code)
+    return path
+
+
+# --- what a model folder may run ------------------------------------------------------------------
+# Loading can run code from the folder: Python files named by `auto_map` (with trust_remote_code)
+# and pickled *.bin weights. Only the person who starts a command grants either, on its command
+# line; a recipe.yaml or run.json inside a run directory someone sent never does. These checks are
+# cheap file reads, done before anything is loaded, so a refusal costs no time and runs nothing.
+
+
+def custom_code_files(model_dir: str | Path) -> list[str]:
+    """The Python files a model folder asks transformers to import (`auto_map` in config.json or
+    tokenizer_config.json), e.g. ['modeling_x.py']; [] for a model built into transformers."""
+    files: set[str] = set()
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            cfg = json.loads((Path(model_dir) / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        amap = cfg.get("auto_map") if isinstance(cfg, dict) else None
+        if not amap:
+            continue
+        refs = amap.values() if isinstance(amap, dict) else [amap]
+        for ref in refs:
+            for r in ref if isinstance(ref, (list, tuple)) else [ref]:
+                if isinstance(r, str) and r:
+                    # "module.Class" or "owner/repo--module.Class": the file is module.py
+                    files.add(r.split("--")[-1].rsplit(".", 1)[0] + ".py")
+                elif r is not None:
+                    files.add(f"{name}: auto_map")
+    return sorted(files)
+
+
+def refuse_custom_code(model_dir: str | Path, trust_remote_code: bool) -> None:
+    """UserError when the folder asks for its own code and this command was not given --trust-remote-code.
+    (Without the check transformers would silently fall back to its built-in class, or prompt.)"""
+    files = custom_code_files(model_dir)
+    if files and not trust_remote_code:
+        raise UserError(f"{model_dir}: this model asks to run its own Python code when loaded ({', '.join(files)})",
+                        "if you trust where the model came from, pass --trust-remote-code to this command "
+                        "(a recipe.yaml in a run directory never grants it)")
+
+
+def refuse_pickle(model_dir: str | Path, allow_pickle: bool) -> None:
+    p = Path(model_dir)
+    if not allow_pickle and not any(p.glob("*.safetensors")) and any(p.glob("*.bin")):
+        raise UserError(f"{p}: weights only in pickle format (*.bin), which can run code when loaded",
+                        "convert them to safetensors, or pass --allow-pickle to this command if you trust the source")
+
+
+def refuse_unsafe(model_dir: str | Path, trust_remote_code: bool, allow_pickle: bool) -> None:
+    """Both checks, for a folder about to be loaded with these grants."""
+    refuse_custom_code(model_dir, trust_remote_code)
+    refuse_pickle(model_dir, allow_pickle)
 
 
 # --- tokenizer ------------------------------------------------------------------------------------
@@ -178,11 +232,22 @@ def prepare_tokenizer(tokenizer, recipe: Recipe, model_dir: str) -> TokenizerInf
 def load_tokenizer(model_dir: str, recipe: Recipe):
     from transformers import AutoTokenizer
 
+    refuse_custom_code(model_dir, recipe.trust_remote_code)
     tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=recipe.trust_remote_code)
     if not getattr(tok, "is_fast", False):
         raise UserError(f"{model_dir}: only a slow (Python) tokenizer is available",
                         "install `tokenizers` and make sure tokenizer.json is in the model folder")
     return tok
+
+
+def load_saved_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    """A tokenizer folder qlora-kit wrote (RUN/tokenizer, a merged model). It may have come with a
+    run someone sent: trust_remote_code is always explicit, so transformers neither runs its code
+    unasked nor stops to prompt for it."""
+    from transformers import AutoTokenizer
+
+    refuse_custom_code(path, trust_remote_code)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
 # --- model ----------------------------------------------------------------------------------------
@@ -216,6 +281,8 @@ def _device_map():
 def load_4bit(model_dir: str, recipe: Recipe):
     from transformers import AutoModelForCausalLM
 
+    # every loader of a base comes here (train, and each command reading a run's base_model_path)
+    refuse_unsafe(model_dir, recipe.trust_remote_code, recipe.allow_pickle)
     dtype = compute_dtype(recipe)
     try:
         model = AutoModelForCausalLM.from_pretrained(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -341,3 +342,24 @@ def load_saved(path: Path) -> Recipe:
     """Read a resolved recipe back from a run directory."""
     raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     return validate(raw, str(path), _key_lines(path.read_text(encoding="utf-8")))
+
+
+@dataclass(frozen=True)
+class Grants:
+    """What the person who started a command allowed it on its own command line (--trust-remote-code,
+    --allow-pickle). A run directory can come from anyone (a colleague, a download, a shared disk),
+    so its recipe.yaml never grants either to the commands that read it."""
+
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+
+    def flags(self) -> list[str]:
+        """The same grants for a qlora-kit subprocess (the ui's merge, export, eval and train jobs)."""
+        return ["--trust-remote-code"] * self.trust_remote_code + ["--allow-pickle"] * self.allow_pickle
+
+
+def load_run_recipe(run_dir: Path, grants: Grants = Grants()) -> Recipe:
+    """A run's saved recipe as the command reading it may use it: trust_remote_code and allow_pickle
+    are this command's grants, whatever recipe.yaml says (the one place every run reader goes)."""
+    recipe = load_saved(Path(run_dir) / "recipe.yaml")
+    return recipe.model_copy(update={"trust_remote_code": grants.trust_remote_code, "allow_pickle": grants.allow_pickle})

@@ -864,13 +864,22 @@ def _url(host: str, port: int) -> str:
 
 
 def main(runs: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, engine: str = "hf",
-         max_tokens: int = 256, max_queue: int = 64) -> None:
-    """Serve the runs (RUN_DIR or NAME=RUN_DIR) over an OpenAI-compatible API until interrupted."""
+         max_tokens: int = 256, max_queue: int = 64, grants=None) -> None:
+    """Serve the runs (RUN_DIR or NAME=RUN_DIR) over an OpenAI-compatible API until interrupted.
+    `grants` (recipe.Grants): this command's --trust-remote-code/--allow-pickle; the runs grant nothing."""
+    from .recipe import Grants
+
+    grants = grants or Grants()
     check_bind(host, api_key)  # before anything is loaded or bound
     named = parse_runs(runs)
     if engine == "vllm":
         _check_vllm()
-        argv = vllm_command(run_infos(named), host, port, api_key)
+        infos = run_infos(named)
+        if infos:  # vLLM loads the base itself: the same refusals first, in qlora-kit's words
+            from .model import refuse_unsafe
+
+            refuse_unsafe(infos[0].base_model_path, grants.trust_remote_code, grants.allow_pickle)
+        argv = vllm_command(infos, host, port, api_key) + ["--trust-remote-code"] * grants.trust_remote_code
         print(f"starting vLLM for {', '.join([*named, BASE])} at {_url(host, port)}", file=sys.stderr)
         os.execvpe(argv[0], argv, vllm_env(api_key))
     if engine != "hf":
@@ -889,7 +898,7 @@ def main(runs: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: st
     log.setLevel(logging.INFO)
     log.propagate = False
 
-    service = Service(generate.Engine.from_runs(named), max_tokens, max_queue=max_queue)
+    service = Service(generate.Engine.from_runs(named, grants), max_tokens, max_queue=max_queue)
     app = create_app(service, api_key)
     sock = _bind(host, port)
     bound = sock.getsockname()[1]

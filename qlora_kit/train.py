@@ -86,6 +86,47 @@ def sft_config(recipe: Recipe, run_dir: Path, has_eval: bool):
     )
 
 
+def _warmup_from_first_step(step: int, warmup: int, after) -> float:
+    return (step + 1) / warmup if step < warmup else after(step)
+
+
+def lr_schedule(optimizer, args, num_training_steps: int):
+    """transformers' schedule for `lr_scheduler_type` with its warm-up ramp moved one step earlier.
+
+    transformers' warm-up gives step 0 a learning rate of exactly 0 (factor step/W), so the first
+    optimizer step changes nothing, and with `--max-steps 1` (warm-up ceil(0.03 x 1) = 1 step) the
+    whole run learns nothing. Here warm-up step k gets (k+1)/W, as transformers' own
+    cosine_warmup_with_min_lr does; from the end of warm-up on, transformers' factors unchanged."""
+    import functools
+
+    import torch
+    from torch.optim.lr_scheduler import LambdaLR
+    from transformers import get_scheduler
+
+    warmup = args.get_warmup_steps(num_training_steps)
+    # the library's factors, read from a scheduler on a throwaway optimizer (the real one is untouched)
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    lib = get_scheduler(args.lr_scheduler_type, probe, num_warmup_steps=warmup,
+                        num_training_steps=num_training_steps, scheduler_specific_kwargs=args.lr_scheduler_kwargs)
+    after = lib.lr_lambdas[0]
+    ramp = warmup if after(0) == 0 else 0  # "constant" has no warm-up to move
+    return LambdaLR(optimizer, functools.partial(_warmup_from_first_step, warmup=ramp, after=after))
+
+
+def trainer_class():
+    """SFTTrainer with `lr_schedule`: every other part of the Trainer is the library's."""
+    from trl import SFTTrainer
+
+    class Trainer(SFTTrainer):
+        def create_scheduler(self, num_training_steps: int, optimizer=None):
+            if self.lr_scheduler is None:
+                self.lr_scheduler = lr_schedule(optimizer or self.optimizer, self.args, num_training_steps)
+                self._created_lr_scheduler = True
+            return self.lr_scheduler
+
+    return Trainer
+
+
 def fsdp_args(recipe: Recipe) -> dict:
     """FSDP QLoRA (a base too large for one card): the 4-bit weights are stored in the compute
     dtype (model.bnb_config), so FSDP can flatten and shard them with the LoRA weights."""
@@ -159,8 +200,12 @@ def check_adapter(model) -> str:
             zero_b += int(torch.count_nonzero(p) == 0)
     if n_b == 0:
         raise RuntimeError("the adapter has no LoRA weights")
-    if zero_b == n_b:
-        raise RuntimeError("every LoRA B matrix is still zero: the adapter learned nothing (learning rate 0? no steps?)")
+    if zero_b == n_b:  # the user's settings, not a bug: a message and exit 1, no traceback
+        from .resilience import RunStopped
+
+        raise RunStopped("the training changed nothing: every LoRA B matrix is still zero, so the adapter would "
+                         "answer exactly like the base model; no adapter was saved",
+                         "raise training.learning_rate (a step this small rounds away to nothing) or train for more steps")
     return f"ok: {n_b} LoRA B matrices, {n_b - zero_b} non-zero, all weights finite"
 
 
@@ -447,7 +492,6 @@ def _fit(recipe: Recipe, model_dir: str, tokenizer, train_rows, eval_rows, run_d
     import datasets
     from transformers import PrinterCallback, set_seed
     from transformers.integrations import TensorBoardCallback
-    from trl import SFTTrainer
 
     from . import resilience
     from .model import attach_lora, embedding_modules, load_4bit
@@ -485,7 +529,7 @@ def _fit(recipe: Recipe, model_dir: str, tokenizer, train_rows, eval_rows, run_d
     exact = {} if fsdp else {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
     stops = {"interrupt": resilience.Interrupt(console), "finite": resilience.FiniteLoss(),
              "disk": resilience.DiskGuard(run_dir / rundir.CHECKPOINTS, minimum_bytes=16 * trainable + (8 << 20))}
-    trainer = SFTTrainer(
+    trainer = trainer_class()(
         model=model,
         args=args,
         train_dataset=datasets.Dataset.from_list(train_rows),

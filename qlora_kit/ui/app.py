@@ -64,7 +64,12 @@ def _runs_root(runs_dir: Path) -> Path:
 
 
 def create_app(runs_dir: Path, token: str | None = None, max_upload_bytes: int = 200 * 2**20,
-               data_dirs: list[Path] | tuple = ()) -> FastAPI:
+               grants=None, data_dirs: list[Path] | tuple = ()) -> FastAPI:
+    """`grants` (recipe.Grants): `qlora-kit ui --trust-remote-code/--allow-pickle`, the only source of
+    either for every job and Try this ui starts; no form field, --set or run directory grants them."""
+    from ..recipe import Grants
+
+    grants = grants or Grants()
     root = _runs_root(runs_dir)
     if token is not None:
         security.check_token(token)
@@ -72,8 +77,8 @@ def create_app(runs_dir: Path, token: str | None = None, max_upload_bytes: int =
     readable = [root, *_data_dirs(data_dirs), *newrun.sample_dirs()]
     sessions = security.Sessions()
     index = runs.RunIndex(root)
-    work = jobs.Jobs(root / ".ui")
-    chat = Chat()
+    work = jobs.Jobs(root / ".ui", grants)
+    chat = Chat(grants)
     api = FastAPI(title="qlora-kit ui", docs_url=None, redoc_url=None, openapi_url=None)
     login_page = (STATIC / "login.html").read_bytes()
     csrf = secrets.token_urlsafe(32)  # per UI process; only pages of this origin can read it
@@ -315,7 +320,7 @@ def create_app(runs_dir: Path, token: str | None = None, max_upload_bytes: int =
 
     @api.post("/api/check")
     async def check(request: Request):
-        spec = newrun.parse(await body_json(request), readable)
+        spec = newrun.parse(await body_json(request), readable, grants)
         from starlette.concurrency import run_in_threadpool
 
         result = await run_in_threadpool(newrun.check, spec)
@@ -324,7 +329,7 @@ def create_app(runs_dir: Path, token: str | None = None, max_upload_bytes: int =
     @api.post("/api/start")
     async def start(request: Request):
         form = await body_json(request)
-        spec = newrun.parse(form, readable)
+        spec = newrun.parse(form, readable, grants)
         from starlette.concurrency import run_in_threadpool
 
         await run_in_threadpool(newrun.check, spec)  # what train would refuse is refused here, same words
@@ -339,8 +344,9 @@ def create_app(runs_dir: Path, token: str | None = None, max_upload_bytes: int =
     def resume_argv(name: str, d: Path) -> list[str]:
         """The command that started the run, or (run from a shell, or an older UI) its saved recipe."""
         old = work.read(jobs.Jobs.job_id(name, "train"))
-        if old and old.get("argv") and "--run-dir" in old["argv"]:
-            return old["argv"]
+        recorded = jobs.train_argv(old.get("argv")) if old else None
+        if recorded and "--run-dir" in recorded:
+            return recorded
         return jobs.cli("train", str(d / "recipe.yaml"), "--run-dir", str(d))
 
     stopping: dict[str, int] = {}  # run -> pid already sent one SIGINT
@@ -471,11 +477,11 @@ def create_app(runs_dir: Path, token: str | None = None, max_upload_bytes: int =
 
 
 def main(runs_dir: Path, host: str = "127.0.0.1", port: int = 7860, token_file: Path | None = None,
-         data_dirs: list[Path] | tuple = ()) -> None:
+         grants=None, data_dirs: list[Path] | tuple = ()) -> None:
     """Serve the UI until Ctrl-C. Runs started from it keep training after it stops."""
     token = security.read_token(token_file)
     security.check_bind(host, token)
-    app = create_app(runs_dir, token, data_dirs=data_dirs)
+    app = create_app(runs_dir, token, grants=grants, data_dirs=data_dirs)
     try:  # a clear message for a busy port, before uvicorn's own log line
         fam = socket.AF_INET6 if ":" in host else socket.AF_INET
         with socket.socket(fam, socket.SOCK_STREAM) as s:

@@ -29,7 +29,10 @@ def adapter_ids(names: list[str]) -> dict[str, str]:
 
 
 class Chat:
-    def __init__(self):
+    def __init__(self, grants=None):
+        from ..recipe import Grants
+
+        self.grants = grants or Grants()  # from `qlora-kit ui`'s own flags; never from a run or a form
         self.lock = threading.Lock()  # one comparison at a time: they share one model anyway
         self.key = None
         self.service = None
@@ -59,7 +62,7 @@ class Chat:
                 try:
                     from .. import generate, serve
 
-                    engine = generate.Engine.from_runs({ids[n]: p for n, p in runs.items()})
+                    engine = generate.Engine.from_runs({ids[n]: p for n, p in runs.items()}, self.grants)
                     self.service, self.key = serve.Service(engine), key
                 except UserError as e:
                     yield {"type": "error", "error": e.message, "hint": e.hint}

@@ -24,10 +24,31 @@ from .. import rundir
 from .runs import pid_alive, read_tail
 
 KINDS = ("train", "merge", "export", "eval")
+GRANT_FLAGS = ("--trust-remote-code", "--no-trust-remote-code", "--allow-pickle", "--no-allow-pickle")
 
 
 def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "qlora_kit.cli", *args]
+
+
+def with_grants(argv: list[str], kind: str, grants) -> list[str]:
+    """argv carrying exactly the grants the ui itself was started with (recipe.Grants), whatever a
+    built or recorded command said. train states both either way, so that no recipe file (a run's
+    recipe.yaml on resume, a form's recipe) nor --set grants what `qlora-kit ui` was not given."""
+    kept = [a for a in argv if a not in GRANT_FLAGS]
+    if kind != "train":
+        return kept + grants.flags()
+    return kept + ["--trust-remote-code" if grants.trust_remote_code else "--no-trust-remote-code",
+                   "--allow-pickle" if grants.allow_pickle else "--no-allow-pickle"]
+
+
+def train_argv(recorded) -> list[str] | None:
+    """A recorded train command (RUNS/.ui/jobs/*.json, which is as shareable as the runs) as this ui
+    may rerun it: `qlora-kit train ...` under this Python, or None for anything else."""
+    if (isinstance(recorded, list) and len(recorded) > 3 and all(isinstance(a, str) for a in recorded)
+            and recorded[1:4] == ["-m", "qlora_kit.cli", "train"]):
+        return cli(*recorded[3:])
+    return None
 
 
 def shown(argv: list[str]) -> str:
@@ -46,7 +67,10 @@ def tail(p: Path, n: int = 16384) -> str:
 
 
 class Jobs:
-    def __init__(self, ui_dir: Path):
+    def __init__(self, ui_dir: Path, grants=None):
+        from ..recipe import Grants
+
+        self.grants = grants or Grants()  # from `qlora-kit ui --trust-remote-code/--allow-pickle` only
         self.dir = Path(ui_dir) / "jobs"
         self.logs = Path(ui_dir) / "logs"
         self.procs: dict[str, subprocess.Popen] = {}
@@ -94,6 +118,7 @@ class Jobs:
 
     def start(self, run: str, kind: str, argv: list[str], env: dict | None = None) -> dict:
         jid = self.job_id(run, kind)
+        argv = with_grants(argv, kind, self.grants)
         with self.lock:
             old = self.read(jid)
             if old is not None and old["state"] == "running":
