@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 
 from .errors import UserError
+from .rowtemplate import from_command_line
 
 app = typer.Typer(
     name="qlora-kit",
@@ -31,6 +32,11 @@ out = Console()
 # recipe.yaml may come from anyone (recipe.Grants, model.refuse_unsafe).
 TRUST_HELP = "allow the base model's own Python code (auto_map) to run; a run's recipe.yaml never grants it"
 PICKLE_HELP = "accept pickled *.bin weights (they can run code); a run's recipe.yaml never grants it"
+
+
+QUESTION_TEMPLATE_HELP = ("build each question from several columns (data.question_template): {column} inserts the "
+                          "row's cell, {{ }} are literal braces, \\n is a line break; e.g. "
+                          "'【故障代码】{fault_code}\\n【问题】{question}'")
 
 
 def _grants(trust_remote_code: bool, allow_pickle: bool):
@@ -63,12 +69,14 @@ def recipes_cmd() -> None:
 @app.command("train")
 def train_cmd(
     recipe: str = typer.Argument(..., help="built-in recipe name (legal, medical, finance, industrial) or a YAML file"),
-    data: Optional[Path] = typer.Option(None, "--data", help="Q/A file to train on (overrides data.path)"),
+    data: list[Path] = typer.Option([], "--data", help="data file or folder to train on (repeatable: read as one "
+                                    "dataset; overrides data.path)"),
     base_model: Optional[str] = typer.Option(None, "--base-model", help="hub id, local model folder, or builtin:tiny"),
     set_: list[str] = typer.Option([], "--set", help="override a recipe field: --set lora.r=32 (repeatable)"),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="run directory (default: <output_dir>/<recipe>-<time>)"),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="stop after N optimizer steps"),
     columns: Optional[str] = typer.Option(None, "--columns", help="explicit data mapping, e.g. question=ask,answer=answer"),
+    question_template: Optional[str] = typer.Option(None, "--question-template", help=QUESTION_TEMPLATE_HELP),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="drop unreadable data rows (counted) instead of stopping"),
     scrub_pii: bool = typer.Option(False, "--scrub-pii", help="redact personal data before training"),
     # --no-...: the ui's jobs state the ui's own grants, overriding whatever the recipe file says
@@ -89,8 +97,9 @@ def train_cmd(
     from . import recipe as recipe_mod
 
     flags = {
-        "data.path": str(data.expanduser().resolve()) if data else None,
+        "data.path": _data_paths(data),
         "data.columns": data_mod.parse_columns(columns) if columns else None,
+        "data.question_template": from_command_line(question_template),
         "data.skip_bad": True if skip_bad else None,
         "data.scrub_pii": True if scrub_pii else None,
         "base_model": base_model,
@@ -214,8 +223,20 @@ def eval_cmd(
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help=PICKLE_HELP),
+    grades: list[Path] = typer.Option([], "--grades", metavar="FILE", help="read a graded review sheet (.csv/.xlsx) "
+                                      "back into the report instead of answering again (repeatable: one per "
+                                      "grader); no model is loaded"),
 ) -> None:
-    """Base vs tuned on held-out questions: domain metrics, report.md/.html, review.csv."""
+    """Base vs tuned on held-out questions: domain metrics, report.md/.html, a blind review.csv to grade."""
+    if grades:
+        from . import grades as grading
+
+        if data or limit or max_new_tokens:
+            raise UserError("--grades reads grades back and answers no questions: --data, --limit and "
+                            "--max-new-tokens do not apply", f"run `qlora-kit eval {run_dir}` and `--grades` separately")
+        grading.run(run_dir, grades)
+        print(run_dir / "report.html")
+        return
     from . import evaluate
 
     result = evaluate.run(run_dir, str(data) if data else None, limit, max_new_tokens,
@@ -329,12 +350,19 @@ data_app = typer.Typer(help="Check, redact and generate training data.", no_args
 app.add_typer(data_app, name="data")
 
 
-def _data_recipe(recipe: Optional[str], file: Path, base_model: Optional[str], columns: Optional[str],
-                 skip_bad: bool, max_length: Optional[int], scrub: bool = False):
+def _data_paths(paths: list[Path]):
+    """--data (repeatable) as data.path: one path, a list of several, or None (the recipe's)."""
+    resolved = [str(p.expanduser().resolve()) for p in paths]
+    return resolved[0] if len(resolved) == 1 else resolved or None
+
+
+def _data_recipe(recipe: Optional[str], files: list[Path], base_model: Optional[str], columns: Optional[str],
+                 skip_bad: bool, max_length: Optional[int], scrub: bool = False, question_template: Optional[str] = None):
     from . import data as data_mod
     from . import recipe as recipe_mod
 
-    flags = {"data.path": str(file.expanduser().resolve()), "base_model": base_model,
+    flags = {"data.path": _data_paths(files), "data.question_template": from_command_line(question_template),
+             "base_model": base_model,
              "training.max_length": max_length, "data.skip_bad": True if skip_bad else None,
              "data.scrub_pii": True if scrub else None}
     if columns:
@@ -350,10 +378,13 @@ def _data_recipe(recipe: Optional[str], file: Path, base_model: Optional[str], c
 
 @data_app.command("check")
 def data_check_cmd(
-    file: Path = typer.Argument(..., help="JSONL, JSON, CSV/TSV, XLSX or dialogue text"),
+    files: list[Path] = typer.Argument(..., metavar="FILE|FOLDER", help="JSONL, JSON, CSV/TSV, XLSX or dialogue "
+                                       "text files, or folders of them (one level deep): several are checked as one dataset"),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="check under this recipe's tokenizer, template and max_length"),
     base_model: Optional[str] = typer.Option(None, "--base-model", help="tokenizer to measure lengths with (hub id, folder, builtin:tiny)"),
-    columns: Optional[str] = typer.Option(None, "--columns", help="explicit mapping, e.g. question=ask,answer=answer"),
+    columns: Optional[str] = typer.Option(None, "--columns", help="explicit mapping, e.g. question=ask,answer=answer "
+                                          "(template=COL: a column holding each row's own question template)"),
+    question_template: Optional[str] = typer.Option(None, "--question-template", help=QUESTION_TEMPLATE_HELP),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="drop unreadable rows (counted) instead of stopping"),
     max_length: Optional[int] = typer.Option(None, "--max-length", help="override training.max_length"),
     scrub: bool = typer.Option(False, "--scrub-pii", help="check the data as it would be after redaction"),
@@ -364,7 +395,7 @@ def data_check_cmd(
 
     from . import datacheck
 
-    rec = _data_recipe(recipe, file, base_model, columns, skip_bad, max_length, scrub)
+    rec = _data_recipe(recipe, files, base_model, columns, skip_bad, max_length, scrub, question_template)
     tok = stop = note = None
     if rec.base_model != "builtin:none":
         tok, stop, note = datacheck.load_tokenizer_for_check(rec)
@@ -395,7 +426,7 @@ def data_scrub_cmd(
         raise UserError("--out must differ from the input file", "write the redacted copy to a new file")
     ds = data_mod.load(file, None, data_mod.parse_columns(columns), skip_bad)
     convs, counts = pii.scrub_conversations(ds.conversations)
-    write_atomic(out_file, "".join(json.dumps({"messages": c}, ensure_ascii=False) + "\n" for c in convs))
+    write_atomic(out_file, "".join(json.dumps(data_mod.to_record(c), ensure_ascii=False) + "\n" for c in convs))
     summary = ", ".join(f"{k}: {counts.get(k, 0)}" for k in pii.KINDS)
     err.print(f"redacted {sum(counts.values())} items in {len(convs)} conversations ({summary})", highlight=False)
     print(out_file)

@@ -25,7 +25,7 @@ from . import dedup
 from .errors import UserError
 from .recipe import Recipe
 
-CACHE_VERSION = 1
+CACHE_VERSION = 3  # 2: tool-calling turns (observation is a tool result, no longer a user turn); 3: several files, question templates
 PLACEHOLDER = re.compile(r"\{\{\s*\w+\s*\}\}")
 
 
@@ -59,9 +59,10 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def data_key(recipe: Recipe) -> str:
-    """The file's bytes and every data setting (mapping, redaction, dedup, split): same key, same checks."""
+    """Every data file's bytes and every data setting (mapping, template, redaction, dedup, split):
+    same key, same checks. A folder's key changes when a file in it is added, removed or edited."""
     d = recipe.data
-    sha = data_mod.file_sha256(Path(d.path)) if Path(d.path).is_file() else "missing"
+    sha = [data_mod.file_sha256(f) for f in data_mod.data_files(d.path)]
     return hashlib.sha256(json.dumps([CACHE_VERSION, sha, d.model_dump(mode="json")], ensure_ascii=False,
                                      sort_keys=True).encode()).hexdigest()[:24]
 
@@ -98,7 +99,7 @@ def _encode_cached(tokenizer, prep: "Prepared", recipe: Recipe, stop_ids: set[in
                     for a, b, f in zip(offs[:-1], offs[1:], flags)], True
         except (OSError, KeyError, ValueError):
             pass  # a damaged cache file is rebuilt
-    enc = encode_batch(tokenizer, conversations(prep, recipe), max_length, stop_ids)
+    enc = encode_batch(tokenizer, conversations(prep, recipe), max_length, stop_ids, prep.wheres)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         lens = np.array([len(e.input_ids) for e in enc], dtype=np.int64)
@@ -143,9 +144,7 @@ def prepare(recipe: Recipe, tokenizer=None, stop_ids: set[int] | None = None, to
     """All checks; from the cache when the file and the data settings are unchanged."""
     if not recipe.data.path:
         raise UserError("no data file: the recipe has no data.path", "pass --data FILE")
-    if not Path(recipe.data.path).exists():
-        data_mod.load(recipe.data.path)  # raises the usual "not found" message
-    key = data_key(recipe)
+    key = data_key(recipe)  # a missing file or an empty folder is refused here, by name
     hit = _read_cached_checks(key)
     if hit is not None:
         prep = Prepared(key, None, hit["wheres"], hit["train_idx"], hit["eval_idx"], None, hit["report"])
@@ -171,12 +170,17 @@ def conversations(prep: Prepared, recipe: Recipe) -> list:
 
 def _check(recipe: Recipe, key: str) -> Prepared:
     d = recipe.data
-    ds = data_mod.load(d.path, d.system_prompt, d.columns, d.skip_bad)
-    convs, wheres = ds.conversations, ds.wheres
+    ds = data_mod.load(d.path, d.system_prompt, d.columns, d.skip_bad, d.question_template)
+    convs, wheres, source_of = ds.conversations, ds.wheres, ds.source_of
     warnings: list[str] = []
     report: dict = {
-        "file": str(ds.path), "format": ds.format, "encoding": ds.encoding, "layout": ds.layout,
+        "file": _files_label(ds), "format": ds.format, "encoding": ds.encoding, "layout": ds.layout,
         "sha256": ds.sha256, "rows_read": ds.rows_read,
+        "sources": [{"path": str(s.path), "sha256": s.sha256, "format": s.format, "encoding": s.encoding,
+                     "layout": s.layout, "rows_read": s.rows_read, "rows": s.rows, "columns": s.columns,
+                     "unused_columns": s.unused} for s in ds.sources],
+        "unused_columns": list(dict.fromkeys(c for s in ds.sources for c in s.unused)),
+        "not_read": [{"path": p, "reason": r} for p, r in ds.not_read],
         "bad_rows": [{"where": w, "reason": r} for w, r in ds.bad],
         "dropped": [{"where": w, "reason": r} for w, r in ds.dropped],
     }
@@ -184,12 +188,16 @@ def _check(recipe: Recipe, key: str) -> Prepared:
         warnings.append(f"{len(ds.bad)} unreadable rows skipped (--skip-bad)")
     if ds.dropped:
         warnings.append(f"{len(ds.dropped)} rows dropped: empty question or answer")
+    if ds.not_read:
+        warnings.append(f"{len(ds.not_read)} files in the data folder not read: "
+                        + "; ".join(f"{Path(p).name} ({r})" for p, r in ds.not_read[:5]))
 
     if d.scrub_pii:
         from . import pii
 
         convs, counts = pii.scrub_conversations(convs)
         report["pii_redacted"] = dict(counts)
+    _template_report(d, ds, convs, wheres, report, warnings)  # after redaction: it quotes a question
 
     questions = [data_mod.question_text(c) for c in convs]
     answers = [data_mod.answer_text(c) for c in convs]
@@ -205,8 +213,11 @@ def _check(recipe: Recipe, key: str) -> Prepared:
         gone = {i for i, _ in dups.exact}
         keep = [i for i in range(len(convs)) if i not in gone]
         convs, wheres, questions = [convs[i] for i in keep], [wheres[i] for i in keep], [questions[i] for i in keep]
-        clusters = [clusters[i] for i in keep]
+        clusters, source_of = [clusters[i] for i in keep], [source_of[i] for i in keep]
         report["duplicates"]["exact_dropped"] = len(gone)
+        for i in gone:  # a row repeated in a later file counts against that file
+            src = report["sources"][ds.source_of[i]]
+            src["duplicates_dropped"] = src.get("duplicates_dropped", 0) + 1
     if dups.near:
         warnings.append(f"{len(dups.near)} near-duplicate rows (same question after normalising, or >= 80% similar); "
                         "kept, but never split across train and eval")
@@ -218,6 +229,11 @@ def _check(recipe: Recipe, key: str) -> Prepared:
         warnings.append(f"{len(empty_like)} questions are empty-looking such as '无' (e.g. {empty_like[0]}); "
                         f"the question may be in another column{cols}: map it with --columns question=COL")
         report["empty_like_questions"] = len(empty_like)
+    tool_rows = [i for i, c in enumerate(convs) if data_mod.has_tools(c)]
+    if tool_rows:
+        report["tool_calls"] = {"rows": len(tool_rows), "first": wheres[tool_rows[0]],
+                                "calls": sum(len(m.get("tool_calls") or []) for i in tool_rows for m in convs[i]),
+                                "results": sum(m["role"] == "tool" for i in tool_rows for m in convs[i])}
     placeholders = sum(1 for c in convs if any(PLACEHOLDER.search(m["content"]) for m in c))
     if placeholders:
         warnings.append(f"{placeholders} rows contain template placeholders such as {{{{name}}}}: fill them in first")
@@ -236,6 +252,10 @@ def _check(recipe: Recipe, key: str) -> Prepared:
                         "eval set (templated data?), so eval loss will look better than it is")
     report["split"] = {"train": len(train_idx), "eval": len(eval_idx), "eval_fraction": d.eval_fraction,
                        "leakage": leak, "leakage_with_row_split": naive_leak}
+    for k, src in enumerate(report["sources"]):  # the split is made over all files together
+        src.setdefault("duplicates_dropped", 0)
+        src["train"] = sum(1 for i in train_idx if source_of[i] == k)
+        src["eval"] = sum(1 for i in eval_idx if source_of[i] == k)
     report["chars"] = {"question": _percentiles([len(q) for q in questions]),
                        "answer": _percentiles([len(data_mod.answer_text(c)) for c in convs])}
 
@@ -243,9 +263,71 @@ def _check(recipe: Recipe, key: str) -> Prepared:
     return Prepared(key, convs, wheres, train_idx, eval_idx, None, report)
 
 
+def _files_label(ds) -> str:
+    """The data as one line: the file, or how many files and their names."""
+    if len(ds.sources) == 1:
+        return str(ds.sources[0].path)
+    names = [s.path.name for s in ds.sources]
+    return f"{len(names)} files: " + ", ".join(names[:6]) + (f", ... ({len(names) - 6} more)" if len(names) > 6 else "")
+
+
+def _template_report(d, ds, convs, wheres, report: dict, warnings: list[str]) -> None:
+    """What the question template made: one rendered question to read, and the empty cells it kept."""
+    if d.question_template is None and not d.columns.get("template"):
+        return
+    report["question_template"] = {"template": d.question_template, "template_column": d.columns.get("template"),
+                                   "example": {"where": wheres[0], "question": data_mod.question_text(convs[0])},
+                                   "empty_cells": {k: len(v) for k, v in ds.template_empty.items()}}
+    if ds.template_empty:
+        rows = len({w for v in ds.template_empty.values() for w in v})
+        names = ", ".join(f"{{{k}}} in {len(v)} row{'s' * (len(v) > 1)} (e.g. {v[0]})" for k, v in ds.template_empty.items())
+        warnings.append(f"{rows} row{'s' * (rows > 1)} with empty cells in the question template (kept empty): {names}")
+
+
+def model_context(model_dir) -> int | None:
+    """The context length a model was trained for, from its config.json (None when it states none).
+    A RoPE-scaled config (Qwen2.5's YaRN) whose max_position_embeddings is still the original
+    length counts with its scaling factor."""
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return None
+    cfg = (cfg.get("text_config") or cfg) if isinstance(cfg, dict) else {}
+    n = next((cfg[k] for k in ("max_position_embeddings", "n_positions", "seq_length", "max_sequence_length")
+              if isinstance(cfg.get(k), int) and cfg[k] > 0), None)
+    rope = cfg.get("rope_scaling") or {}
+    orig, factor = rope.get("original_max_position_embeddings"), rope.get("factor")
+    if n and isinstance(orig, int) and isinstance(factor, (int, float)) and factor > 1 and n <= orig:
+        n = int(orig * factor)
+    return n
+
+
+def cap_to_context(recipe: Recipe, tokenizer) -> dict | None:
+    """training.max_length above the model's context would train positions the model never saw
+    (silently worse, or out of range): cap it there, with a warning, rather than refuse. The recipe
+    is changed in place, so the run records and uses the capped length. The tokenizer's folder is
+    the model's (every tokenizer here is loaded from the model folder), which has config.json."""
+    ctx = model_context(getattr(tokenizer, "name_or_path", None) or "")
+    asked = recipe.training.max_length
+    if ctx is None or asked <= ctx:
+        return None
+    recipe.training.max_length = ctx
+    return {"requested": asked, "used": ctx, "model_context": ctx,
+            "message": f"training.max_length={asked} is above the model's context of {ctx} tokens "
+                       f"(max_position_embeddings); capped to {ctx}"}
+
+
+def _longer_fix(tokenizer, max_length: int) -> str:
+    ctx = model_context(getattr(tokenizer, "name_or_path", None) or "")
+    if ctx is not None and max_length >= ctx:
+        return f"max_length is already the model's context ({ctx} tokens): shorten these samples or split them"
+    return "raise training.max_length"
+
+
 def encode(prep: Prepared, recipe: Recipe, tokenizer, stop_ids: set[int] | None = None) -> None:
     """Tokenize under the recipe's template and add length, truncation and a loss-marked sample."""
     report, warnings, wheres, train_idx = prep.report, prep.report["warnings"], prep.wheres, prep.train_idx
+    capped = cap_to_context(recipe, tokenizer)
     max_length = recipe.training.max_length
     encoded, cached = _encode_cached(tokenizer, prep, recipe, stop_ids or {tokenizer.eos_token_id})
     prep.encoded = encoded
@@ -259,9 +341,12 @@ def encode(prep: Prepared, recipe: Recipe, tokenizer, stop_ids: set[int] | None 
         "length": _percentiles(lengths), "answer_tokens": _percentiles(answer_tokens),
         "truncated": truncated, "answer_cut": cut, "prompt_fills_max_length": len(no_answer),
     }
+    if capped:
+        report["tokens"]["context"] = capped
+        warnings.append(capped["message"])
     if truncated:
         warnings.append(f"{truncated} samples are longer than max_length={max_length} and will be cut; "
-                        f"in {cut} of them part of the answer (and its EOS) is lost: raise training.max_length")
+                        f"in {cut} of them part of the answer (and its EOS) is lost: {_longer_fix(tokenizer, max_length)}")
     if no_answer:
         warnings.append(f"{len(no_answer)} samples have no answer token left within max_length "
                         f"(e.g. {no_answer[0]}); they are not trained on")
@@ -283,6 +368,11 @@ def render(report: dict, console) -> None:
     t.add_row("format / encoding", f"{report['format']} / {report['encoding']}")
     t.add_row("layout", report["layout"])
     t.add_row("rows read", str(report["rows_read"]))
+    sources = report.get("sources") or []
+    for src in sources if len(sources) > 1 else ():
+        t.add_row(f"  {src['path']}", f"{src['format']}: {src['rows_read']} read, {src['rows']} usable, "
+                  f"duplicates dropped {src.get('duplicates_dropped', 0)}, train / eval {src.get('train')} / {src.get('eval')}")
+    t.add_row("columns not used", _unused_line(sources))
     t.add_row("unreadable rows skipped", str(len(report["bad_rows"])))
     t.add_row("dropped (empty Q or A)", str(len(report["dropped"])))
     du = report["duplicates"]
@@ -291,6 +381,9 @@ def render(report: dict, console) -> None:
     sp = report["split"]
     t.add_row("train / eval", f"{sp['train']} / {sp['eval']}")
     t.add_row("train/eval leakage", f"{sp['leakage']} (a plain row split would leak {sp['leakage_with_row_split']})")
+    if "tool_calls" in report:
+        tc = report["tool_calls"]
+        t.add_row("tool-calling rows", f"{tc['rows']} ({tc['calls']} calls trained on, {tc['results']} tool results not trained on)")
     if "pii_redacted" in report:
         t.add_row("personal data redacted", ", ".join(f"{k} {v}" for k, v in report["pii_redacted"].items()) or "none found")
     tok = report["tokens"]
@@ -304,6 +397,8 @@ def render(report: dict, console) -> None:
         t.add_row("tokenizer", f"{tok['tokenizer']}" + (" (cached)" if tok["cached"] else ""))
         t.add_row("tokens per sample", f"min {L['min']} · p50 {L['p50']} · p90 {L['p90']} · p99 {L['p99']} · max {L['max']}")
         t.add_row(f"longer than max_length {tok['max_length']}", f"{tok['truncated']} (answer cut in {tok['answer_cut']})")
+        if tok.get("context"):
+            t.add_row("max_length capped", f"{tok['context']['requested']} -> {tok['context']['used']} (the model's context)")
     console.print(t)
     for key, title in (("bad_rows", "unreadable"), ("dropped", "dropped")):
         for row in report[key][:10]:
@@ -314,12 +409,24 @@ def render(report: dict, console) -> None:
         console.print(f"  [cyan]near duplicate[/] {ex['row']} ~ {ex['like']}: {ex['question']}", highlight=False)
     for w in report["warnings"]:
         console.print(f"[yellow]warning[/]: {w}", highlight=False)
+    if report.get("question_template"):
+        ex = report["question_template"]["example"]
+        console.print(f"\nquestion made by the template, {ex['where']}:\n{ex['question']}", highlight=False, markup=False)
     if "sample" in report:
         console.print(f"\nsample {report['sample']['where']} ([green]green[/] carries loss):")
         text = Text()
         for seg, loss in report["sample"]["segments"]:
             text.append(seg, style="bold green" if loss else "dim")
         console.print(text)
+
+
+def _unused_line(sources: list[dict]) -> str:
+    """Columns read by nothing (no field, no template): "none", or per file when there are several."""
+    if not any(s.get("unused_columns") for s in sources):
+        return "none"
+    if len(sources) == 1:
+        return ", ".join(sources[0]["unused_columns"])
+    return "; ".join(f"{Path(s['path']).name}: {', '.join(s['unused_columns']) or 'none'}" for s in sources)
 
 
 def load_tokenizer_for_check(recipe: Recipe):

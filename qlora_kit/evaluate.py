@@ -27,7 +27,8 @@ def held_out(run_dir: Path, recipe, data_file: str | None):
     from . import datacheck
 
     if data_file:
-        ds = data_mod.load(data_file, recipe.data.system_prompt, recipe.data.columns, recipe.data.skip_bad)
+        ds = data_mod.load(data_file, recipe.data.system_prompt, recipe.data.columns, recipe.data.skip_bad,
+                           recipe.data.question_template)
         return ds.conversations, ds.wheres
     prep = datacheck.prepare(recipe)
     if not prep.eval_idx:
@@ -73,9 +74,9 @@ def run(run_dir: str | Path, data_file: str | None = None, limit: int | None = N
     from .recipe import Grants, load_run_recipe
 
     grants = grants or Grants()
-    run_dir = Path(run_dir)
+    target = Path(run_dir)  # RUN or one of its checkpoints: the results are written there
+    run_dir, _ = rundir.resolve(target)
     info = rundir.read_info(run_dir)
-    rundir.require_adapter(run_dir)
     recipe = load_run_recipe(run_dir, grants)
     # before the held-out data is prepared: a refusal should cost nothing
     refuse_unsafe(info["base_model_path"], grants.trust_remote_code, grants.allow_pickle)
@@ -85,7 +86,7 @@ def run(run_dir: str | Path, data_file: str | None = None, limit: int | None = N
     if n:
         convs, wheres = convs[:n], wheres[:n]
     max_new = max_new_tokens or ev.max_new_tokens
-    engine = generate.Engine.from_runs({"tuned": run_dir}, grants)
+    engine = generate.Engine.from_runs({"tuned": target}, grants)
     console.print(f"eval: {len(convs)} held-out samples, task {ev.task}, greedy, up to {max_new} new tokens")
 
     rows = []
@@ -123,13 +124,13 @@ def run(run_dir: str | Path, data_file: str | None = None, limit: int | None = N
             agg.pop(k, None)
         summary[side] = agg
     result = {
-        "run_dir": str(run_dir), "base_model": info["base_model"], "task": ev.task, "samples": len(rows),
+        "run_dir": str(run_dir), "adapter": str(target), "base_model": info["base_model"], "task": ev.task, "samples": len(rows),
         "data": data_file or "held-out split of the training data", "max_new_tokens": max_new,
         "summary": summary, "rows": rows, "created": rundir.now(),
         "device": info.get("device"), "median_answer_tokens": statistics.median([r["tuned"]["new_tokens"] for r in rows]) if rows else 0,
     }
-    rundir.write_json(run_dir / "eval.json", result)
+    rundir.write_json(target / "eval.json", result)  # a checkpoint's results never replace the final adapter's
     from . import report
 
-    report.write(run_dir, result)
+    report.write(target, result)
     return result

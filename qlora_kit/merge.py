@@ -37,7 +37,8 @@ def probe_texts(run_dir: Path, tokenizer, recipe, n: int = 4) -> list[str]:
     info = rundir.read_info(run_dir)
     path = Path(info.get("data", {}).get("path", ""))
     try:
-        ds = data_mod.load(path, recipe.data.system_prompt, recipe.data.columns, skip_bad=True)
+        ds = data_mod.load(path, recipe.data.system_prompt, recipe.data.columns, skip_bad=True,
+                           question_template=recipe.data.question_template)
         return [render(tokenizer, c) for c in ds.conversations[:n]]
     except (UserError, OSError):
         return FALLBACK_PROBES
@@ -71,6 +72,7 @@ def _work_dtype(n_params: int):
 def run(run_dir: str | Path, out: str | Path | None = None, dtype: str = "bf16", max_shard_size: str = "5GB",
         grants=None) -> dict:
     """`grants` (recipe.Grants): what this command's flags allow; the run's recipe.yaml grants nothing."""
+    run_dir, adapter = rundir.resolve(run_dir)  # RUN, or RUN/checkpoints/checkpoint-N; refused before torch loads
     import torch
     from peft import PeftModel
 
@@ -78,12 +80,10 @@ def run(run_dir: str | Path, out: str | Path | None = None, dtype: str = "bf16",
     from .recipe import Grants, load_run_recipe
 
     quiet_libraries()
-    run_dir = Path(run_dir)
     info = rundir.read_info(run_dir)
-    adapter = rundir.require_adapter(run_dir)
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
-    out = Path(out) if out else run_dir / "merged"
+    out = Path(out) if out else run_dir / ("merged" if adapter.name == rundir.ADAPTER else f"merged-{adapter.name}")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"output directory {out} exists and is not empty", "pass another --out or delete it")
     recipe = load_run_recipe(run_dir, grants or Grants())
@@ -144,7 +144,8 @@ def run(run_dir: str | Path, out: str | Path | None = None, dtype: str = "bf16",
     try:
         merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)
-        report.update(run_dir=str(run_dir.resolve()), base_model=info["base_model"], created=rundir.now())
+        report.update(run_dir=str(run_dir.resolve()), adapter=str(adapter.resolve()), base_model=info["base_model"],
+                      created=rundir.now())
         (tmp / "qlora_kit_merge.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         if out.exists():
             out.rmdir()

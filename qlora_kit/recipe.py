@@ -33,13 +33,19 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    path: str | None = Field(None, description="Q/A file (JSONL/JSON); relative paths resolve against the recipe file")
+    path: str | list[str] | None = Field(
+        None, description="data file, folder (the data files directly in it, sorted by name) or a list of them, read "
+                          "as one dataset; relative paths resolve against the recipe file")
     eval_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="share of rows held out for eval loss")
     split_seed: int = 42
     system_prompt: str | None = Field(None, description="system message added to every sample that has none")
     columns: dict[str, str] = Field(
-        default_factory=dict, description="explicit mapping, wins over detection: {question: ask, answer: answer}"
+        default_factory=dict, description="explicit mapping, wins over detection: {question: ask, answer: answer}; "
+                                          "template: a column holding each row's own question template"
     )
+    question_template: str | None = Field(
+        None, description="the question built from several columns of a Q/A row: {column} inserts that row's cell "
+                          "(empty cells stay empty), {{ and }} are literal braces; e.g. \"【故障代码】{fault_code}\\n【问题】{question}\"")
     skip_bad: bool = Field(False, description="drop unreadable rows (counted) instead of stopping")
     drop_duplicates: bool = Field(True, description="train on one copy of rows repeated exactly")
     scrub_pii: bool = Field(False, description="redact ID/card/phone numbers, e-mails and labelled names first")
@@ -47,11 +53,32 @@ class DataConfig(_Section):
     @field_validator("columns")
     @classmethod
     def _known_fields(cls, v):
-        allowed = ("question", "answer", "system", "input", "messages")
+        allowed = ("question", "answer", "system", "input", "messages", "tools", "template")
         bad = [k for k in v if k not in allowed]
         if bad:
             raise ValueError(f"unknown field(s) {', '.join(bad)}; map any of: {', '.join(allowed)}")
         return v
+
+    @field_validator("path")
+    @classmethod
+    def _some_path(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("an empty list names no data; give a file, a folder or a list of them")
+        return v
+
+    @field_validator("question_template")
+    @classmethod
+    def _template_syntax(cls, v):
+        if v is not None:
+            from .rowtemplate import fields
+
+            fields(v)  # a lone brace or an empty {} is a ValueError, reported with the field's line
+        return v
+
+    @property
+    def paths(self) -> list[str]:
+        """data.path as a list (one file, a folder, or several of either)."""
+        return [] if self.path is None else [self.path] if isinstance(self.path, str) else list(self.path)
 
 
 class QuantizationConfig(_Section):
@@ -98,11 +125,17 @@ class TrainingConfig(_Section):
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(0.3, gt=0, description="QLoRA paper's clipping value")
     optim: Literal["paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw_torch"] = "paged_adamw_8bit"
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto", description="auto: the memory plan decides none, every n-th layer or all, from the GPU's memory "
+                            "(on CPU the available RAM); true/false: always/never")
     # --- the fast path (each switch tested for the same loss as the plain path) ---
-    padding_free: bool = Field(True, description="flatten each micro-batch into one sequence: no pad tokens computed")
+    padding_free: bool | Literal["auto"] = Field(
+        "auto", description="flatten each micro-batch into one sequence (no pad tokens computed); only with a kernel "
+                            "that attends within each sample. auto: where that is the faster layout, else "
+                            "micro-batches grouped by length")
     packing: bool = Field(False, description="pack samples into max_length token budgets (fewer, fuller micro-steps)")
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto", description="auto: flash_attention_2 on a GPU with flash-attn installed, else SDPA")
     activation_offloading: bool = Field(False, description="keep checkpointed activations in CPU memory (long contexts)")
     liger_kernel: bool | Literal["auto"] = Field("auto", description="fused linear cross-entropy: auto = on a GPU with liger-kernel installed")
     upcast_embeddings: bool = Field(False, description="the blog recipe's fp32 upcast of embeddings/head (costs memory; for comparison)")
@@ -212,6 +245,8 @@ def read_recipe_file(path: Path) -> dict[str, Any]:
     data = raw.get("data")
     if isinstance(data, dict) and isinstance(data.get("path"), str):
         data["path"] = _relative_to(data["path"], path.parent)
+    elif isinstance(data, dict) and isinstance(data.get("path"), list):
+        data["path"] = [_relative_to(p, path.parent) if isinstance(p, str) else p for p in data["path"]]
     if isinstance(raw.get("base_model"), str) and raw["base_model"].startswith(("./", "../")):
         raw["base_model"] = _relative_to(raw["base_model"], path.parent)
     return raw

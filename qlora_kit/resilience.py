@@ -18,8 +18,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from .errors import UserError
-
-MARKER = "qlora_kit_complete.json"
+from .rundir import COMPLETE as MARKER
 
 
 class RunStopped(UserError):
@@ -65,13 +64,19 @@ def recipe_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def check_resume(run_dir: Path, info: dict, old_recipe, recipe, model_dir: str, data_sha: str) -> None:
-    """Refuse to continue a run with different settings, base model or data."""
+def check_resume(run_dir: Path, info: dict, old_recipe, recipe, model_dir: str, data_sha: str,
+                 files: list[dict] | None = None) -> None:
+    """Refuse to continue a run with different settings, base model or data. `data_sha` covers every
+    data file (data.combined_sha256); `files` ({"path", "sha256"} each) names the one that changed."""
     problems = recipe_differences(old_recipe.model_dump(mode="json"), recipe.model_dump(mode="json"))
     if info.get("base_model_path") != model_dir:
         problems.append(f"base model: {info.get('base_model_path')} -> {model_dir}")
     if info.get("data", {}).get("sha256") != data_sha:
-        problems.append("data file content changed (sha256 differs)")
+        from .data import file_changes
+
+        old_files = info.get("data", {}).get("files")
+        problems += (file_changes(old_files, files) if old_files and files else []) or \
+            ["data file content changed (sha256 differs)"]
     if problems:
         raise UserError(f"{run_dir} was started with other settings, so it cannot be resumed:\n  " + "\n  ".join(problems[:12]),
                         "rerun with the original settings, or pass --force to start this run over")

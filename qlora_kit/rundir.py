@@ -11,12 +11,16 @@
       logs/            TensorBoard event files; progress.jsonl, one JSON line per logged step (the UI reads it)
 
 A run directory needs nothing else: merge, generate (and later eval, chat, serve) take only its path.
+Every reader also takes one complete checkpoint, RUN/checkpoints/checkpoint-N, in place of RUN:
+`resolve` turns either into (run directory, adapter folder), so the run's recipe, tokenizer and
+base model are used with that checkpoint's adapter.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,6 +31,9 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 ADAPTER, TOKENIZER, CHECKPOINTS, LOGS = "adapter", "tokenizer", "checkpoints", "logs"
+# written into a checkpoint folder (by resilience.CompleteMarker) once every part of it is on disk
+COMPLETE = "qlora_kit_complete.json"
+_CHECKPOINT = re.compile(r"checkpoint-\d+")
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -74,7 +81,10 @@ def is_run_dir(p: Path) -> bool:
 
 
 def read_info(run_dir: Path) -> dict:
+    """run.json of a run directory (of its run, for a checkpoint folder)."""
     run_dir = Path(run_dir)
+    if is_checkpoint(run_dir):
+        run_dir = run_dir.parent.parent
     if not run_dir.is_dir():
         raise UserError(f"run directory not found: {run_dir}", "pass the folder that `qlora-kit train` printed")
     if not is_run_dir(run_dir):
@@ -90,6 +100,51 @@ def require_adapter(run_dir: Path) -> Path:
         raise UserError(f"{run_dir}: no finished adapter (run status: {info.get('status', '?')})",
                         "train to the end first; checkpoints are under checkpoints/")
     return a
+
+
+def is_checkpoint(p: Path) -> bool:
+    """RUN/checkpoints/checkpoint-N of a run directory (complete or not)."""
+    p = Path(p)
+    return bool(_CHECKPOINT.fullmatch(p.name)) and p.parent.name == CHECKPOINTS and is_run_dir(p.parent.parent)
+
+
+def is_run_path(p: Path) -> bool:
+    """What the readers accept: a run directory or one of its checkpoints."""
+    return is_run_dir(Path(p)) or is_checkpoint(Path(p))
+
+
+def _complete_checkpoints(run_dir: Path) -> list[str]:
+    found = [c for c in (run_dir / CHECKPOINTS).glob("checkpoint-*") if (c / COMPLETE).is_file()]
+    return [c.name for c in sorted(found, key=lambda c: int(c.name.rsplit("-", 1)[1]) if c.name.rsplit("-", 1)[1].isdigit() else -1)]
+
+
+def resolve(path) -> tuple[Path, Path]:
+    """(run directory, adapter folder) for RUN (its final adapter) or RUN/checkpoints/checkpoint-N
+    (that checkpoint's adapter; only a complete one: a folder being written or left by a crash
+    may hold a partial adapter)."""
+    p = Path(path)
+    if p.name == CHECKPOINTS and is_run_dir(p.parent):
+        done = _complete_checkpoints(p.parent)
+        raise UserError(f"{p} holds several checkpoints; pass one of them, or the run directory {p.parent}",
+                        f"complete checkpoints: {', '.join(done)}" if done else "this run has no complete checkpoint")
+    if not is_checkpoint(p):
+        return p, require_adapter(p)
+    run = p.parent.parent
+    if not (p / COMPLETE).is_file():
+        done = _complete_checkpoints(run)
+        raise UserError(f"{p} is not a complete checkpoint (no {COMPLETE}: it was being written when training stopped, "
+                        "so its adapter may be partial)",
+                        f"use a complete one ({', '.join(done)}) or the run directory {run}" if done
+                        else f"use the run directory {run} once training has finished")
+    if not (p / "adapter_model.safetensors").is_file() or not (p / "adapter_config.json").is_file():
+        raise UserError(f"{p} has no adapter_model.safetensors/adapter_config.json", f"use the run directory {run}")
+    return run, p
+
+
+def default_name(path) -> str:
+    """The name an adapter is loaded/served under: the run's folder name, plus the checkpoint's."""
+    p = Path(path)
+    return f"{p.parent.parent.name}-{p.name}" if is_checkpoint(p) else p.name
 
 
 def versions() -> dict[str, str]:
@@ -114,6 +169,16 @@ def _parallel_row(d: dict) -> str:
             f"{d['effective_batch']}, lr {d['learning_rate']:g}; {d['note']} |")
 
 
+def _data_rows(d: dict) -> list[str]:
+    """The card's data rows: the file and its sha256, or each of several files with its rows."""
+    files = d.get("files") or []
+    if len(files) <= 1:
+        return [f"| data file | `{d['path']}` |", f"| data sha256 | `{d['sha256']}` |"]
+    return [f"| data files | {len(files)} files, combined sha256 `{d['sha256']}` |"] + [
+        f"| `{f['path']}` | rows read {f['rows']}, train / eval {f.get('train')} / {f.get('eval')}; sha256 `{f['sha256']}` |"
+        for f in files]
+
+
 def write_card(run_dir: Path, info: dict, recipe, metrics: dict) -> None:
     t, lo, q = recipe.training, recipe.lora, recipe.quantization
     la = info.get("lora", {"modules": "?", "trainable_params": 0})
@@ -125,14 +190,15 @@ def write_card(run_dir: Path, info: dict, recipe, metrics: dict) -> None:
         "| | |",
         "|---|---|",
         f"| base model | `{info['base_model']}` |",
-        f"| data file | `{info['data']['path']}` |",
-        f"| data sha256 | `{info['data']['sha256']}` |",
+        *_data_rows(info["data"]),
         f"| rows read / train / eval | {info['data']['rows']} / {info['data']['train_rows']} / {info['data']['eval_rows']} |",
         f"| samples truncated at max_length / with the answer cut | {info['data']['truncated']} / {info['data']['answer_cut']} |",
         f"| chat template | {info['tokenizer']['template_source']} (stored in `tokenizer/`) |",
         f"| quantization | 4-bit {q.bnb_4bit_quant_type}, double quant {q.bnb_4bit_use_double_quant}, compute {info['compute_dtype']} |",
         f"| LoRA | r={lo.r}, alpha={lo.lora_alpha}, dropout={lo.lora_dropout}, {la['modules']} modules, {la['trainable_params']:,} trainable params |",
         f"| training | lr={t.learning_rate}, epochs={t.num_train_epochs}, max_steps={t.max_steps}, batch={t.per_device_train_batch_size}x{t.gradient_accumulation_steps}, max_length={t.max_length}, optim={t.optim} |",
+        *([f"| max_length capped | {info['max_length_capped']['requested']} -> {info['max_length_capped']['used']}, "
+            "the base model's context (max_position_embeddings) |"] if info.get("max_length_capped") else []),
         *([_parallel_row(info["distributed"])] if info.get("distributed") else []),
         f"| steps | {metrics.get('global_step', '–')} |",
         f"| final train loss | {_fmt(metrics.get('train_loss'))} |",

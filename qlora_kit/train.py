@@ -22,16 +22,20 @@ from .recipe import Recipe
 console = Console(stderr=True, soft_wrap=True)
 
 
-def sft_config(recipe: Recipe, run_dir: Path, has_eval: bool):
-    """The one mapping from the recipe to TRL's SFTConfig."""
+def sft_config(recipe: Recipe, run_dir: Path, has_eval: bool, fast=None):
+    """The one mapping from the recipe to TRL's SFTConfig. `fast`: this run's fastpath.decide()
+    (layout, checkpointing), decided here from the recipe when not given."""
     import torch
     from trl import SFTConfig
 
     from .model import compute_dtype, has_gpu
 
-    from . import distributed
+    from . import distributed, fastpath
 
     t = recipe.training
+    if fast is None:
+        fast = fastpath.decide(recipe, recipe.base_model)
+    layout = fast.layout
     dtype = compute_dtype(recipe)
     w = distributed.world()
     batch = distributed.batch_plan(t.per_device_train_batch_size, t.gradient_accumulation_steps, w.size, t.learning_rate)
@@ -45,16 +49,18 @@ def sft_config(recipe: Recipe, run_dir: Path, has_eval: bool):
         gradient_accumulation_steps=batch["gradient_accumulation_steps"],
         # LoRA reaches every adapted layer in every step: no search for unused parameters
         ddp_find_unused_parameters=False if w.strategy == "ddp" else None,
-        **(fsdp_args(recipe) if w.strategy == "fsdp" else {}),
-        max_length=None if (t.padding_free and not t.packing) else t.max_length,
+        **(fsdp_args(recipe, fast.every_n_layers > 0) if w.strategy == "fsdp" else {}),
+        max_length=None if (layout.padding_free and not t.packing) else t.max_length,
         warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of the total steps in transformers 5
         lr_scheduler_type=t.lr_scheduler_type,
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         optim=t.optim,
-        # non-reentrant checkpointing: works with frozen 4-bit layers and reaches the LoRA weights
-        activation_checkpointing=t.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False},
+        # non-reentrant checkpointing: works with frozen 4-bit layers and reaches the LoRA weights;
+        # none, every n-th layer or all, as the memory plan decided (gradient_checkpointing: auto)
+        activation_checkpointing=fast.every_n_layers > 0,
+        activation_checkpointing_kwargs={"use_reentrant": False,
+                                         **({"every_n_layers": fast.every_n_layers} if fast.every_n_layers > 1 else {})},
         logging_steps=t.logging_steps,
         logging_first_step=True,
         logging_nan_inf_filter=False,  # a NaN loss must be seen (and stop the run), not averaged away
@@ -75,12 +81,16 @@ def sft_config(recipe: Recipe, run_dir: Path, has_eval: bool):
         report_to="none",  # TensorBoard is added explicitly, writing into the run directory
         disable_tqdm=True,  # Rich shows progress instead
         dataloader_pin_memory=has_gpu(),
-        # padding-free: samples are already truncated here, so TRL need not enforce max_length
-        padding_free=t.padding_free or t.packing,
+        # padding-free: samples are already truncated here, so TRL need not enforce max_length.
+        # Otherwise micro-batches of similar lengths, right-padded to a multiple of 8 (attention.py)
+        padding_free=layout.padding_free,
+        pad_to_multiple_of=layout.pad_to_multiple_of,
+        train_sampling_strategy="group_by_length" if layout.group_by_length else "random",
         packing=t.packing,
         packing_strategy="bfd",
         activation_offloading=t.activation_offloading,
-        use_liger_kernel=use_liger(recipe),
+        # liger is applied by qlora-kit (fastpath.apply_liger): TRL would switch its fused loss off
+        use_liger_kernel=False,
         completion_only_loss=None,  # labels are built here, answer-only; TRL keeps a given labels column
         assistant_only_loss=False,
     )
@@ -114,10 +124,13 @@ def lr_schedule(optimizer, args, num_training_steps: int):
 
 
 def trainer_class():
-    """SFTTrainer with `lr_schedule`: every other part of the Trainer is the library's."""
+    """SFTTrainer with `lr_schedule`, and the training loss and metrics of fastpath.FastStepMixin:
+    every other part of the Trainer is the library's."""
     from trl import SFTTrainer
 
-    class Trainer(SFTTrainer):
+    from .fastpath import FastStepMixin
+
+    class Trainer(FastStepMixin, SFTTrainer):
         def create_scheduler(self, num_training_steps: int, optimizer=None):
             if self.lr_scheduler is None:
                 self.lr_scheduler = lr_schedule(optimizer or self.optimizer, self.args, num_training_steps)
@@ -127,7 +140,7 @@ def trainer_class():
     return Trainer
 
 
-def fsdp_args(recipe: Recipe) -> dict:
+def fsdp_args(recipe: Recipe, checkpointing: bool = True) -> dict:
     """FSDP QLoRA (a base too large for one card): the 4-bit weights are stored in the compute
     dtype (model.bnb_config), so FSDP can flatten and shard them with the LoRA weights."""
     return {
@@ -138,7 +151,7 @@ def fsdp_args(recipe: Recipe) -> dict:
             "use_orig_params": False,
             "cpu_ram_efficient_loading": True,  # rank 0 loads the weights, the others receive them
             "sync_module_states": True,
-            "activation_checkpointing": recipe.training.gradient_checkpointing,
+            "activation_checkpointing": checkpointing,
         },
         # FSDP does its own checkpointing of wrapped blocks; the Trainer's would run twice
         "activation_checkpointing": False,
@@ -152,6 +165,9 @@ def check_device_switches(recipe: Recipe) -> None:
         raise UserError("training.activation_offloading moves activations from GPU to CPU memory; there is no GPU here",
                         "set training.activation_offloading: false")
     use_liger(recipe)
+    from . import attention
+
+    attention.choose(recipe.training, has_gpu(), attention.flash_attn_available())  # refuses impossible layouts
 
 
 def use_liger(recipe: Recipe) -> bool:
@@ -269,6 +285,12 @@ def preflight(recipe: Recipe, quiet: bool = False, measure: bool = False) -> Pre
     return Preflight(prep, model_dir, plan, warnings)
 
 
+def data_files(rep: dict) -> list[dict]:
+    """run.json's record of each data file: its path, sha256, rows read, and its rows in the split."""
+    return [{"path": str(Path(s["path"]).resolve()), "sha256": s["sha256"], "rows": s["rows_read"],
+             "train": s.get("train"), "eval": s.get("eval")} for s in rep["sources"]]
+
+
 def training_rows(prep, idx) -> list[dict]:
     """The encoded samples that teach something: a prompt that fills max_length has no answer token."""
     out = []
@@ -294,6 +316,9 @@ def run(recipe: Recipe, run_dir_arg: str | None = None, callbacks: list | None =
     from . import distributed
 
     world = distributed.init()  # one process, or one of N data-parallel workers started by `--gpus N`
+    from . import fastpath
+
+    threads = fastpath.set_threads()  # before any torch work: the pool is sized once
     if world.size > 1 and run_dir_arg is None:
         raise UserError("a data-parallel worker needs --run-dir (the launcher chooses it)", "start it with --gpus N")
     pre = preflight(recipe, quiet=not world.main)
@@ -341,7 +366,8 @@ def run(recipe: Recipe, run_dir_arg: str | None = None, callbacks: list | None =
         elif old.get("status") == "finished":
             raise UserError(f"{existing} is a finished run", "choose another --run-dir, or pass --force to train it again")
         else:
-            resilience.check_resume(existing, old, load_saved(existing / "recipe.yaml"), recipe, model_dir, rep["sha256"])
+            resilience.check_resume(existing, old, load_saved(existing / "recipe.yaml"), recipe, model_dir, rep["sha256"],
+                                    data_files(rep))
             was = (old.get("distributed") or {}).get("processes", 1)
             if was != world.size:
                 raise UserError(f"{existing} was trained with {was} process{'es' if was != 1 else ''}, not {world.size}: "
@@ -367,7 +393,10 @@ def run(recipe: Recipe, run_dir_arg: str | None = None, callbacks: list | None =
         "device": torch.cuda.get_device_name(0) if has_gpu() else f"cpu ({torch.get_num_threads()} threads)",
         "compute_dtype": str(dtype).replace("torch.", ""),
         "data": {
-            "path": str(Path(rep["file"]).resolve()), "sha256": rep["sha256"], "format": rep["format"],
+            # path: the first (often only) file; sha256: that file's, or with several files the digest
+            # of them all (data.combined_sha256); files: each file with its own sha256 and row counts
+            "path": str(Path(rep["sources"][0]["path"]).resolve()), "sha256": rep["sha256"], "format": rep["format"],
+            "files": data_files(rep),
             "encoding": rep["encoding"], "layout": rep["layout"], "rows": rep["rows_read"],
             "skipped": len(rep["bad_rows"]) + len(rep["dropped"]),
             "duplicates_dropped": rep["duplicates"].get("exact_dropped", 0),
@@ -380,6 +409,8 @@ def run(recipe: Recipe, run_dir_arg: str | None = None, callbacks: list | None =
         "tokenizer": {"template_source": tok_info.template_source, "pad_token": tok_info.pad_token,
                       "stop_token_ids": tok_info.stop_token_ids},
         "from_adapter": recipe.from_adapter,
+        # training.max_length above the model's context, capped by datacheck.encode (recipe.yaml has the cap)
+        **({"max_length_capped": rep["tokens"]["context"]} if rep["tokens"].get("context") else {}),
         "resumed_from": resume_from.name if resume_from else None,
         "versions": rundir.versions(),
     }
@@ -400,8 +431,12 @@ def run(recipe: Recipe, run_dir_arg: str | None = None, callbacks: list | None =
     try:
         while True:
             try:
+                fast = fastpath.decide(attempt_recipe, model_dir, threads)
+                info["fast_path"] = fast.to_dict()
+                for line in fast.lines():
+                    console.print(line, highlight=False)
                 trainer, metrics, stops = _fit(attempt_recipe, model_dir, tokenizer, train_rows, eval_rows, run_dir,
-                                               resume_from, info, callbacks)
+                                               resume_from, info, callbacks, fast)
                 break
             except BaseException as e:
                 t = attempt_recipe.training
@@ -487,18 +522,24 @@ def run(recipe: Recipe, run_dir_arg: str | None = None, callbacks: list | None =
 
 
 def _fit(recipe: Recipe, model_dir: str, tokenizer, train_rows, eval_rows, run_dir: Path, resume_from,
-         info: dict, callbacks):
+         info: dict, callbacks, fast):
     """Load the 4-bit base, attach LoRA (or continue an adapter), train. Returns (trainer, metrics, stops)."""
     import datasets
     from transformers import PrinterCallback, set_seed
-    from transformers.integrations import TensorBoardCallback
 
     from . import resilience
     from .model import attach_lora, embedding_modules, load_4bit
-    from .progress import ProgressLog, RichProgress
+    from .progress import ProgressLog, RichProgress, TensorBoardLog
+
+    from . import attention, fastpath
 
     set_seed(recipe.training.seed)  # LoRA A is initialised randomly: same seed, same run (and resume)
-    model = load_4bit(model_dir, recipe)
+    if fast.layout.attn_implementation == attention.PER_SEQUENCE:
+        attention.register()
+    model = load_4bit(model_dir, recipe, attn_implementation=fast.layout.attn_implementation)
+    if fast.loss_head == "liger" and not fastpath.apply_liger(model):
+        fast.loss_head, fast.loss_head_why = "model", "the model's own cross-entropy (liger-kernel does not know this architecture)"
+        info["fast_path"] = fast.to_dict()
     # no KV cache in training: with a cache transformers cannot see padding-free sequence boundaries
     # in position_ids, and packed samples would attend to each other
     model.config.use_cache = False
@@ -516,9 +557,8 @@ def _fit(recipe: Recipe, model_dir: str, tokenizer, train_rows, eval_rows, run_d
                     "modules_to_save": sorted(cfg.modules_to_save or []), "embeddings_note": emb_why,
                     "target_modules": cfg.target_modules if isinstance(cfg.target_modules, str) else sorted(cfg.target_modules)}
 
-    tensorboard = TensorBoardCallback()
-    tensorboard.logging_dir = str(run_dir / rundir.LOGS)  # not checkpoints/runs/<date>
-    args = sft_config(recipe, run_dir, has_eval=bool(eval_rows))
+    tensorboard = TensorBoardLog(run_dir / rundir.LOGS)  # not checkpoints/runs/<date>
+    args = sft_config(recipe, run_dir, has_eval=bool(eval_rows), fast=fast)
     # TRL casts the trainable weights of a quantized model to bf16. Keep exact fp32 master weights:
     # autocast still computes in bf16 on GPU, small optimizer updates are not rounded away, a
     # continued adapter starts from exactly its saved values, and on CPU LoRA stays in fp32.
@@ -541,6 +581,9 @@ def _fit(recipe: Recipe, model_dir: str, tokenizer, train_rows, eval_rows, run_d
     for n, p in trainer.model.named_parameters():
         if n in exact:
             p.data = exact[n]
+    trainer.qk_loss_head = fast.loss_head
+    if fast.loss_head == "chunked":
+        fastpath.reinstall_chunked_head(trainer.model)
     trainer.remove_callback(PrinterCallback)  # Rich prints progress; no raw dicts on stderr
     with stops["interrupt"]:
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -568,7 +611,7 @@ def continue_adapter(model, source: str, model_dir: str):
 
     src = Path(source)
     info = rundir.read_info(src)
-    adapter = rundir.require_adapter(src)
+    _, adapter = rundir.resolve(src)  # a run's final adapter, or one of its complete checkpoints
     if info.get("base_model_path") != model_dir:
         raise UserError(f"--from-adapter {src}: that adapter was trained on {info.get('base_model')}, not on this base",
                         "use the same --base-model as the run you continue")
