@@ -81,9 +81,9 @@ def train_cmd(
     scrub_pii: bool = typer.Option(False, "--scrub-pii", help="redact personal data before training"),
     # --no-...: the ui's jobs state the ui's own grants, overriding whatever the recipe file says
     trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code/--no-trust-remote-code",
-                                                     help="allow model code from its repository (default: the recipe's trust_remote_code)"),
+                                                     help="allow model code from its repository (a recipe cannot grant this itself)"),
     allow_pickle: Optional[bool] = typer.Option(None, "--allow-pickle/--no-allow-pickle",
-                                                help="accept pickled *.bin weights, they can run code (default: the recipe's allow_pickle)"),
+                                                help="accept pickled *.bin weights, they can run code (a recipe cannot grant this itself)"),
     from_adapter: Optional[Path] = typer.Option(None, "--from-adapter", help="continue training this run's adapter on new data"),
     force: bool = typer.Option(False, "--force", help="start an existing --run-dir over instead of resuming it"),
     auto_batch: bool = typer.Option(False, "--auto-batch", help="on CUDA out-of-memory, halve the micro-batch and retry"),
@@ -109,6 +109,7 @@ def train_cmd(
         "from_adapter": str(from_adapter.resolve()) if from_adapter else None,
     }
     resolved, _ = recipe_mod.resolve(recipe, set_, flags)
+    _refuse_recipe_grants(resolved, trust_remote_code, allow_pickle)
     if dry_run:
         sys.stdout.write(resolved.to_yaml())
         return
@@ -122,6 +123,18 @@ def train_cmd(
     path = train.run(resolved, str(run_dir) if run_dir else None, force=force, auto_batch=auto_batch)
     if "QLORA_KIT_PARALLEL" not in os.environ:  # our launcher prints the path once, not each worker
         print(path)
+
+
+def _refuse_recipe_grants(resolved, trust_remote_code: Optional[bool], allow_pickle: Optional[bool]) -> None:
+    """A recipe file (or --set) may be someone else's: it can ask for model code or pickles, but only
+    this command line grants them. Without the flag the request is refused, never silently dropped,
+    so a recipe that truly needs custom code says what to pass."""
+    for field, flag, given in (("trust_remote_code", "--trust-remote-code", trust_remote_code),
+                               ("allow_pickle", "--allow-pickle", allow_pickle)):
+        if getattr(resolved, field) and given is not True:
+            raise UserError(f"the recipe sets {field}: true, which only the command line can grant",
+                            f"if you trust this model, add {flag} to the train command; otherwise remove "
+                            f"{field} from the recipe")
 
 
 def _launch_parallel(resolved, run_dir: Optional[Path], gpus: Optional[int], cpu_processes: Optional[int],

@@ -242,3 +242,18 @@ def test_one_step_trains_and_a_run_that_changed_nothing_says_so(cache, qa_file, 
     info = json.loads((tmp_path / "none" / "run.json").read_text())
     assert info["status"] == "failed" and "changed nothing" in info["error"]
     assert not (tmp_path / "none" / "adapter").exists()
+
+
+def test_a_recipe_file_cannot_grant_code_or_pickles(qa_file, tmp_path, capsys):
+    """A recipe may come from a colleague: asking for trust_remote_code/allow_pickle in it (or via
+    --set) is refused unless this command line grants it, and nothing is written."""
+    rec = tmp_path / "granting.yaml"
+    for field, flag in (("trust_remote_code", "--trust-remote-code"), ("allow_pickle", "--allow-pickle")):
+        rec.write_text(yaml.safe_dump({"base_model": "builtin:tiny", field: True, "data": {"path": str(qa_file)}}))
+        code, err = cli(["train", rec, "--run-dir", tmp_path / "r", "--dry-run"], capsys)
+        refused(code, err, flag)
+        code, err = cli(["train", "legal", "--set", f"{field}=true", "--run-dir", tmp_path / "r", "--dry-run"], capsys)
+        refused(code, err, flag)
+        code, err = cli(["train", rec, flag, "--run-dir", tmp_path / "r", "--dry-run"], capsys)
+        assert code == 0, err
+    assert not (tmp_path / "r").exists()
