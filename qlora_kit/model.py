@@ -278,8 +278,12 @@ def _device_map():
     return {"": w.local_rank} if has_gpu() else {"": "cpu"}
 
 
-def load_4bit(model_dir: str, recipe: Recipe):
+def load_4bit(model_dir: str, recipe: Recipe, attn_implementation: str | None = None):
+    """The 4-bit base. `attn_implementation`: training passes its layout's kernel (attention.choose);
+    everything else (generation, merge, evaluation) gets transformers' own for the recipe."""
     from transformers import AutoModelForCausalLM
+
+    from . import attention
 
     # every loader of a base comes here (train, and each command reading a run's base_model_path)
     refuse_unsafe(model_dir, recipe.trust_remote_code, recipe.allow_pickle)
@@ -292,7 +296,7 @@ def load_4bit(model_dir: str, recipe: Recipe):
             device_map=_device_map(),
             trust_remote_code=recipe.trust_remote_code,
             use_safetensors=None if recipe.allow_pickle else True,
-            attn_implementation=recipe.training.attn_implementation,
+            attn_implementation=attn_implementation or attention.inference_implementation(recipe),
         )
     except ValueError as e:
         if "trust_remote_code" in str(e):

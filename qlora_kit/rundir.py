@@ -179,6 +179,20 @@ def _data_rows(d: dict) -> list[str]:
         for f in files]
 
 
+def _fast_path_rows(fast: dict | None) -> list[str]:
+    """What train decided for speed and memory, and why (fastpath.FastPath)."""
+    if not fast:
+        return []
+    rows = [f"| attention | {fast['layout']['attn_implementation']}: {fast['layout']['why']} |",
+            f"| gradient checkpointing | {fast['checkpointing']}: {fast['checkpointing_why']} |",
+            f"| loss | {fast['loss_head_why']} |"]
+    th = fast.get("threads")
+    if th:
+        rows.append(f"| torch threads | {th['threads']} thread{'s' if th['threads'] != 1 else ''} ({th['source']}), "
+                    f"inter-op {th['interop_threads']} |")
+    return rows
+
+
 def write_card(run_dir: Path, info: dict, recipe, metrics: dict) -> None:
     t, lo, q = recipe.training, recipe.lora, recipe.quantization
     la = info.get("lora", {"modules": "?", "trainable_params": 0})
@@ -204,6 +218,7 @@ def write_card(run_dir: Path, info: dict, recipe, metrics: dict) -> None:
         f"| final train loss | {_fmt(metrics.get('train_loss'))} |",
         f"| final eval loss | {_fmt(metrics.get('eval_loss'))} |",
         f"| device | {info['device']} |",
+        *_fast_path_rows(info.get("fast_path")),
         "",
         "Library versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()),
         "",

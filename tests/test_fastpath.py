@@ -28,19 +28,109 @@ def _losses(run_dir):
     return [h["loss"] for h in hist if "loss" in h]
 
 
-def test_padding_free_trains_exactly_like_padded(tiny_dir, uneven, tmp_path):
-    from safetensors.torch import load_file
+def _tiny_lora(tiny_dir, attn):
+    """qlora-kit's own loading (4-bit base, LoRA), no dropout so two layouts see the same function,
+    non-zero LoRA B so the adapter matters."""
+    from qlora_kit import attention
+    from qlora_kit.model import attach_lora, load_4bit, load_tokenizer, prepare_tokenizer
+    from qlora_kit.recipe import Recipe
 
-    runs = {}
-    for pf in (True, False):
-        rec = make_recipe(str(tiny_dir), uneven, max_steps=5, padding_free=pf, early_stopping_patience=0)
-        runs[pf] = train.run(rec, str(tmp_path / f"pf-{pf}"))
-    a, b = _losses(runs[True]), _losses(runs[False])
-    assert len(a) == len(b) == 5
-    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
-    wa = load_file(runs[True] / "adapter" / "adapter_model.safetensors")
-    wb = load_file(runs[False] / "adapter" / "adapter_model.safetensors")
-    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-4
+    rec = Recipe.model_validate({"base_model": str(tiny_dir), "lora": {"lora_dropout": 0.0}})
+    tok = load_tokenizer(str(tiny_dir), rec)
+    info = prepare_tokenizer(tok, rec, str(tiny_dir))
+    attention.register()
+    torch.manual_seed(0)
+    model = attach_lora(load_4bit(str(tiny_dir), rec, attn_implementation=attn), rec)
+    model.config.use_cache = False  # as in training
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.05)
+    return model, tok, info
+
+
+def _rows(tok, info, n=4):
+    from qlora_kit.template import encode_batch
+
+    convs = [[{"role": "user", "content": "问" * (3 + 7 * i)}, {"role": "assistant", "content": "答" * (5 + 3 * (i % 3))}]
+             for i in range(n)]
+    return [{"input_ids": e.input_ids, "labels": e.labels} for e in encode_batch(tok, convs, 256, set(info.stop_token_ids))]
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    keys = ("input_ids", "labels", "attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
+            "max_length_k")
+    loss = model(**{k: batch[k] for k in keys if k in batch}).loss
+    loss.backward()
+    return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_layouts_give_the_padded_loss_and_gradients(tiny_dir):
+    """The reference is transformers' SDPA on a padded batch with its 4D padding mask. Per-sequence
+    SDPA on the flattened batch (padding-free) and mask-free causal SDPA on the right-padded batch
+    (grouped padding) give the same loss and gradients."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from qlora_kit import attention
+
+    model, tok, info = _tiny_lora(tiny_dir, attention.PER_SEQUENCE)
+    model.train()
+    rows = _rows(tok, info)
+    assert len({len(r["input_ids"]) for r in rows}) == len(rows)  # really uneven
+    padded = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id, pad_to_multiple_of=8)(rows)
+    flat = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id, padding_free=True)(rows)
+    assert padded["attention_mask"].float().mean() < 0.9  # the padded batch really carries padding
+    results = {}
+    for name, impl, batch in [("sdpa+mask", "sdpa", padded), ("per-sequence", attention.PER_SEQUENCE, flat),
+                              ("padded, no mask", attention.PER_SEQUENCE, padded)]:
+        model.set_attn_implementation(impl)
+        results[name] = _loss_and_grads(model, batch)
+    ref_loss, ref_grads = results.pop("sdpa+mask")
+    for name, (loss, grads) in results.items():
+        assert abs(loss - ref_loss) < 1e-5, (name, loss, ref_loss)
+        assert grads.keys() == ref_grads.keys() and ref_grads
+        for k, g in grads.items():
+            assert torch.allclose(g, ref_grads[k], rtol=1e-4, atol=1e-6), (name, k, float((g - ref_grads[k]).abs().max()))
+
+
+def test_padding_free_training_builds_no_dense_mask(tiny_dir, uneven, tmp_path, monkeypatch):
+    """Through `train`: every attention call of the padding-free path gets no mask and one sample's
+    tokens; transformers' mask builder is never asked for a mask; the run records its layout."""
+    import transformers.integrations.sdpa_attention as sdpa_mod
+    import transformers.masking_utils as masking
+
+    calls, masks = [], []
+    real_attention, real_mask = sdpa_mod.sdpa_attention_forward, masking.sdpa_mask
+
+    def spy_attention(module, query, key, value, attention_mask, *a, **k):
+        calls.append((attention_mask, query.shape[2]))
+        return real_attention(module, query, key, value, attention_mask, *a, **k)
+
+    def spy_mask(*a, **k):
+        masks.append(k.get("q_length"))
+        return real_mask(*a, **k)
+
+    monkeypatch.setattr(sdpa_mod, "sdpa_attention_forward", spy_attention)
+    monkeypatch.setattr(masking, "sdpa_mask", spy_mask)
+    rec = make_recipe(str(tiny_dir), uneven, max_steps=3, early_stopping_patience=0, per_device_train_batch_size=4)
+    run = train.run(rec, str(tmp_path / "r"))
+    fast = json.loads((run / "run.json").read_text())["fast_path"]
+    assert fast["layout"]["padding_free"] and fast["layout"]["attn_implementation"] == "qlora_kit_sdpa"
+    assert calls and all(m is None for m, _ in calls)
+    longest = max(len(r["input_ids"]) for r in _encoded(rec))
+    assert max(q for _, q in calls) <= longest  # never a flattened row of several samples
+    assert masks == []  # no 4D mask was built
+
+
+def _encoded(rec):
+    from qlora_kit import datacheck
+    from qlora_kit.model import load_tokenizer, prepare_tokenizer
+
+    prep = datacheck.prepare(rec)
+    tok = load_tokenizer(rec.base_model, rec)
+    info = prepare_tokenizer(tok, rec, rec.base_model)
+    datacheck.encode(prep, rec, tok, set(info.stop_token_ids))
+    return train.training_rows(prep, prep.train_idx)
 
 
 def test_flattened_sequences_do_not_attend_to_each_other(tiny_dir):
@@ -96,14 +186,21 @@ def test_liger_is_gpu_only(tiny_dir, qa_file):
 
 
 @pytest.mark.parametrize("switch", [{"attn_implementation": "eager"}, {"upcast_embeddings": True},
-                                    {"gradient_checkpointing": False}])
+                                    {"gradient_checkpointing": True}])
 def test_switches_keep_the_loss(tiny_dir, uneven, tmp_path, switch):
-    """Each switch against the default path: the same losses (fp32 on CPU, so within rounding)."""
-    base = make_recipe(str(tiny_dir), uneven, max_steps=3, early_stopping_patience=0)
+    """Each switch against the default path: the same losses (fp32 on CPU, so within rounding).
+    eager runs the padded layout with transformers' 4D mask: compared with the default padded
+    layout (length-grouped, right-padded, causal SDPA without a mask) on the same batches."""
+    padded = {"padding_free": False} if "attn_implementation" in switch else {}
+    base = make_recipe(str(tiny_dir), uneven, max_steps=3, early_stopping_patience=0, **padded)
     other = make_recipe(str(tiny_dir), uneven, max_steps=3, early_stopping_patience=0, **switch)
     a = _losses(train.run(base, str(tmp_path / "default")))
     b = _losses(train.run(other, str(tmp_path / "switched")))
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-3, (switch, a, b)
+    if padded:
+        layouts = [json.loads((tmp_path / d / "run.json").read_text())["fast_path"]["layout"] for d in ("default", "switched")]
+        assert [x["attn_implementation"] for x in layouts] == ["qlora_kit_sdpa", "eager"]
+        assert all(not x["padding_free"] and x["group_by_length"] and x["pad_to_multiple_of"] == 8 for x in layouts)
 
 
 def test_activation_offloading_needs_a_gpu(tiny_dir, qa_file, tmp_path):
@@ -112,3 +209,67 @@ def test_activation_offloading_needs_a_gpu(tiny_dir, qa_file, tmp_path):
     with pytest.raises(UserError, match="no GPU here"):
         train.run(make_recipe(str(tiny_dir), qa_file, max_steps=2, activation_offloading=True), str(tmp_path / "r"))
     assert not (tmp_path / "r").exists()
+
+
+def test_checkpointing_from_the_plan_threads_and_metrics_recorded(tiny_dir, uneven, tmp_path, monkeypatch):
+    """gradient_checkpointing: auto under a budget that fits only with some layers checkpointed:
+    train checkpoints every 2nd layer (1 of 2) and says why in run.json and the card. The torch
+    thread count (an explicit OMP_NUM_THREADS wins) is recorded. Entropy and token accuracy are
+    computed on logging steps only (the first, then every logging_steps)."""
+    from qlora_kit import fastpath, plan
+
+    rec = make_recipe(str(tiny_dir), uneven, max_steps=4, logging_steps=2, early_stopping_patience=0)
+    shape = plan.Shape.from_config(plan.load_config(str(tiny_dir))[0])
+    kw = dict(r=rec.lora.r, target=rec.lora.target_modules, max_length=rec.training.max_length,
+              micro_batch=rec.training.per_device_train_batch_size, optim=rec.training.optim, act_bytes=4,
+              device="cpu", loss_head="model")
+    none, every2 = (sum(plan.estimate(shape, checkpointing=n, **kw).values()) for n in (0, 2))
+    assert every2 < none and plan.make(rec, str(tiny_dir), 1 << 40, device="cpu").total == none
+    budget = (none + every2) // 2
+    monkeypatch.setattr(plan, "memory_budget", lambda gpu: (budget, "test budget"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    flags, metric_steps = [], []
+    real_metrics = fastpath.FastStepMixin._qk_metrics
+
+    def counting(self, logits, labels):
+        metric_steps.append(self.state.global_step + 1)
+        return real_metrics(self, logits, labels)
+
+    monkeypatch.setattr(fastpath.FastStepMixin, "_qk_metrics", counting)
+    from transformers import TrainerCallback
+
+    class Flags(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kw):
+            if not flags:
+                flags.append([layer.gradient_checkpointing for layer in model.get_base_model().model.layers])
+    try:
+        run = train.run(rec, str(tmp_path / "r"), callbacks=[Flags()])
+        threads = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(2)  # conftest's setting for the rest of the session
+    fast = json.loads((run / "run.json").read_text())["fast_path"]
+    assert fast["every_n_layers"] == 2 and fast["checkpointing"] == "every 2nd layer (1 of 2)"
+    assert "test budget" in fast["checkpointing_why"] and flags == [[True, False]]
+    assert fast["threads"]["threads"] == threads == 1 and fast["threads"]["source"] == "OMP_NUM_THREADS"
+    assert fast["threads"]["interop_threads"] == 1
+    card = (run / "README.md").read_text()
+    assert "every 2nd layer (1 of 2)" in card and "1 thread" in card
+    assert metric_steps == [1, 2, 4]  # logging_first_step, then every 2nd
+    hist = json.loads((run / "metrics.json").read_text())["log_history"]
+    assert [h["step"] for h in hist if "mean_token_accuracy" in h and "loss" in h] == [1, 2, 4]
+
+
+def test_loss_head_fits_device_and_vocabulary():
+    from qlora_kit.fastpath import LARGE_VOCAB, choose_loss_head
+    from qlora_kit.recipe import TrainingConfig
+
+    auto, off, on = TrainingConfig(), TrainingConfig(liger_kernel=False), TrainingConfig(liger_kernel=True)
+    assert choose_loss_head(auto, 152064, gpu=False, liger=False)[0] == "model"  # CPU: the model's own
+    assert choose_loss_head(auto, 32000, gpu=True, liger=False)[0] == "model"
+    assert choose_loss_head(auto, LARGE_VOCAB, gpu=True, liger=False)[0] == "chunked"
+    assert choose_loss_head(auto, 152064, gpu=True, liger=True)[0] == "liger"
+    assert choose_loss_head(off, 152064, gpu=True, liger=True)[0] == "chunked"
+    from qlora_kit.errors import UserError
+
+    with pytest.raises(UserError, match="liger"):
+        choose_loss_head(on, 152064, gpu=False, liger=False)

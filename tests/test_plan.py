@@ -31,6 +31,7 @@ def qwen_slice(tmp_path_factory):
 @pytest.mark.parametrize("target,double_quant", [("attention", True), ("all-linear", False)])
 def test_exact_components_match_a_real_4bit_model(qwen_slice, target, double_quant):
     import bitsandbytes as bnb
+    import torch
 
     from qlora_kit.model import attach_lora, load_4bit
 
@@ -52,15 +53,31 @@ def test_exact_components_match_a_real_4bit_model(qwen_slice, target, double_qua
                         double_quant=double_quant)
     assert est["weights_4bit"] == weights
     assert abs(est["quant_constants"] - consts) <= 64  # bitsandbytes' small code tables aside
-    assert est["lora_weights_fp32"] == 4 * lora and est["optimizer_8bit_adam"] == 2 * lora
+    assert est["lora_weights_fp32"] == 4 * lora
+    # training.optim decides the optimizer's bytes: the real optimizers' state tensors, summed
+    params = [p for p in peft.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    for optim in ("paged_adamw_8bit", "adamw_torch"):
+        opt = (bnb.optim.PagedAdamW8bit if optim == "paged_adamw_8bit" else torch.optim.AdamW)(params, lr=1e-4)
+        opt.step()
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                    for st in opt.state.values() for t in st.values() if torch.is_tensor(t)}
+        planned = plan.estimate(plan.Shape.from_config(cfg), r=8, target=target, max_length=256, micro_batch=1,
+                                double_quant=double_quant, optim=optim)["optimizer_state"]
+        assert planned == sum(storages.values()), optim
+    assert plan.estimate(plan.Shape.from_config(cfg), r=8, target=target, max_length=256, micro_batch=1,
+                         optim="adamw_torch")["optimizer_state"] > 3.5 * lora * 2  # fp32 states, not 8-bit
 
 
 def test_recommendations_are_consistent():
     rec = Recipe.model_validate({"base_model": "meta-llama/Llama-3.1-8B-Instruct",
-                                 "training": {"max_length": 2048, "per_device_train_batch_size": 1}})
+                                 "training": {"max_length": 2048, "per_device_train_batch_size": 1,
+                                              "gradient_checkpointing": True}})
     p = plan.make(rec, gpu_memory=24 * plan.GiB)
     assert p.fits and p.source == "built-in config" and p.best_micro_batch >= 1
     assert 6 * plan.GiB < p.total < 12 * plan.GiB  # DESIGN anchors: ~7 GiB optimised, ~11 GiB blog recipe
+    assert p.checkpointing == "all layers" and p.checkpointing_why == "training.gradient_checkpointing: true"
     assert p.longest_max_length > 2048
     over = plan.make(rec, gpu_memory=24 * plan.GiB, max_length=p.longest_max_length + 4096)
     assert not over.fits
@@ -68,6 +85,76 @@ def test_recommendations_are_consistent():
     assert not small.fits and small.best_micro_batch == 0
     lengths = [plan.make(rec, gpu_memory=g * plan.GiB).longest_max_length for g in (12, 24, 48)]
     assert lengths == sorted(lengths) and lengths[0] < lengths[-1]
+
+
+def test_checkpointing_auto_follows_the_budget():
+    """gradient_checkpointing: auto: none when the step fits, fewer checkpointed layers before all,
+    all when nothing else fits; true and false are honoured whatever the budget."""
+    rec = Recipe.model_validate({"base_model": "meta-llama/Llama-3.1-8B-Instruct",
+                                 "training": {"max_length": 2048, "per_device_train_batch_size": 1}})
+    assert rec.training.gradient_checkpointing == "auto"
+    big = plan.make(rec, gpu_memory=80 * plan.GiB)
+    assert big.every_n_layers == 0 and big.checkpointing == "none" and big.fits and "fits without" in big.checkpointing_why
+    tight = plan.make(rec, gpu_memory=14 * plan.GiB)
+    assert tight.every_n_layers > 1 and tight.fits and tight.total <= 14 * plan.GiB < big.total
+    assert tight.checkpointing.startswith("every ") and "over the 14.0 GiB GPU" in tight.checkpointing_why
+    small = plan.make(rec, gpu_memory=8 * plan.GiB)
+    assert small.every_n_layers == 1 and small.fits and small.total < tight.total
+    none_fits = plan.make(rec, gpu_memory=4 * plan.GiB)
+    assert none_fits.every_n_layers == 1 and not none_fits.fits and "even with every layer" in none_fits.checkpointing_why
+    for setting, n in ((True, 1), (False, 0)):
+        fixed = rec.model_copy(deep=True)
+        fixed.training.gradient_checkpointing = setting
+        assert plan.make(fixed, gpu_memory=80 * plan.GiB if setting else 4 * plan.GiB).every_n_layers == n
+    # the same model of memory on CPU: fp32 activations, no CUDA context
+    cpu = plan.make(rec, gpu_memory=80 * plan.GiB, device="cpu")
+    assert cpu.parts["cuda_context"] == 0 and cpu.parts["activations"] > big.parts["activations"]
+
+
+@pytest.mark.parametrize("target", ["attention", "all-linear"])
+def test_activation_bytes_match_saved_tensors(tmp_path, target):
+    """What the plan counts for activations, against every tensor autograd saves (measured with
+    saved_tensors_hooks, parameters and quantization constants excluded) on a 2-layer slice in
+    qlora-kit's CPU training path: fp32, LoRA with dropout, per-sequence SDPA, no checkpointing."""
+    import bitsandbytes as bnb
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qlora_kit import attention
+    from qlora_kit.model import attach_lora, load_4bit
+
+    cfg = dict(hidden_size=256, intermediate_size=688, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+               vocab_size=1024, num_hidden_layers=2, tie_word_embeddings=False, max_position_embeddings=512)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**cfg)).save_pretrained(tmp_path)
+    rec = Recipe.model_validate({"base_model": str(tmp_path), "lora": {"r": 8, "target_modules": target}})
+    model = attach_lora(load_4bit(str(tmp_path), rec, attn_implementation=attention.register()), rec).train()
+    fixed = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            qs = m.weight.quant_state
+            fixed |= {t.untyped_storage().data_ptr() for t in (qs.absmax, qs.code, *((qs.state2.absmax, qs.state2.code)
+                      if qs.nested else ())) if torch.is_tensor(t)}
+    where, saved = ["head"], {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in fixed:
+            saved.setdefault(where[0], {})[s.data_ptr()] = s.nbytes()
+        return t
+
+    for layer in model.get_base_model().model.layers:
+        layer.register_forward_pre_hook(lambda *a: where.__setitem__(0, "layers"))
+        layer.register_forward_hook(lambda *a: where.__setitem__(0, "head"))
+    T = 256
+    ids = torch.randint(0, 1024, (1, T))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    measured = sum(saved["layers"].values())
+    planned = plan.estimate(plan.Shape.from_config(cfg), r=8, target=target, max_length=T, micro_batch=1,
+                            checkpointing=False, act_bytes=4, device="cpu", loss_head="model")["activations"]
+    assert abs(planned - measured) / measured < 0.05, (planned, measured)
 
 
 def test_parse_size():

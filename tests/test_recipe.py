@@ -64,7 +64,10 @@ def test_recipe_maps_into_bnb_lora_and_sft_configs(name, tiny_dir, tmp_path):
     assert (lc.r, lc.lora_alpha, lc.lora_dropout) == (rec.lora.r, rec.lora.lora_alpha, rec.lora.lora_dropout)
     if rec.lora.target_modules == "attention":
         assert "q_proj" in lc.target_modules and "mlp" not in lc.target_modules
-    s = sft_config(rec, tmp_path, has_eval=True)
+    from qlora_kit import fastpath
+
+    fast = fastpath.decide(rec, rec.base_model)  # layout, loss head, checkpointing for this machine
+    s = sft_config(rec, tmp_path, has_eval=True, fast=fast)
     t = rec.training
     assert s.optim == "paged_adamw_8bit"
     assert s.learning_rate == t.learning_rate and s.num_train_epochs == t.num_train_epochs
@@ -73,7 +76,9 @@ def test_recipe_maps_into_bnb_lora_and_sft_configs(name, tiny_dir, tmp_path):
     assert s.save_steps == t.save_steps and s.eval_steps == t.eval_steps
     assert s.per_device_train_batch_size == t.per_device_train_batch_size
     assert s.gradient_accumulation_steps == t.gradient_accumulation_steps
-    assert s.activation_checkpointing is True and s.eval_strategy == "steps"
+    # gradient_checkpointing: auto, decided by the memory plan within this machine's RAM
+    assert s.activation_checkpointing is (fast.every_n_layers > 0) and s.eval_strategy == "steps"
+    assert not s.use_liger_kernel  # qlora-kit applies liger itself (TRL would switch its fused loss off)
     assert s.use_cpu is True and s.bf16 is False
 
 

@@ -1,0 +1,236 @@
+"""What a training step runs besides the model: the loss head, metrics, token counting, threads.
+
+TRL 1.16's SFTTrainer computes every training loss through its chunked "fused LM head" and asks
+it for the entropy and top-1 accuracy of every token on every step (plus host syncs for both):
+on a CPU that head runs as plain torch ops, about a tenth of a small model's step. Here the
+training loss comes from the head that fits the device and vocabulary (`choose_loss_head`), the
+metrics are computed on logging steps only, from logits that exist anyway, and nothing is read
+back from the device between logging steps. Evaluation keeps TRL's own path.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+
+from .attention import Layout
+from .errors import UserError
+
+# Full logits of a micro-batch in fp32 stop being small around this vocabulary size (Llama 3:
+# 128k, Qwen2.5: 152k; Llama 2 / Mistral: 32k): from here on a GPU computes the loss in tiles.
+LARGE_VOCAB = 65536
+
+
+def liger_available() -> bool:
+    import importlib.util
+
+    import torch
+
+    return torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
+
+
+def choose_loss_head(training, vocab_size: int, gpu: bool, liger: bool) -> tuple[str, str]:
+    """(head, why). model: the model's own cross-entropy over full logits (CPU: its matmul is the
+    cheapest there, and RAM holds the logits; GPU: a small vocabulary). chunked: TRL's tiled
+    log-probabilities in the compute dtype, never the full fp32 logits (a large vocabulary on a GPU
+    without liger). liger: liger-kernel's fused linear cross-entropy (GPU, installed)."""
+    choice = training.liger_kernel
+    if choice is True and not liger:
+        raise UserError("training.liger_kernel: true needs a CUDA GPU and `pip install liger-kernel`",
+                        "set training.liger_kernel: auto")
+    if liger and choice in (True, "auto"):
+        return "liger", "liger-kernel fused linear cross-entropy (no logits materialised)"
+    if not gpu:
+        return "model", "the model's own cross-entropy (CPU)"
+    if vocab_size >= LARGE_VOCAB:
+        return "chunked", f"cross-entropy in vocabulary tiles in the compute dtype ({vocab_size:,}-token vocabulary)"
+    return "model", f"the model's own cross-entropy ({vocab_size:,}-token vocabulary)"
+
+
+def apply_liger(model) -> bool:
+    """liger-kernel's fused linear cross-entropy (with its RMSNorm/SwiGLU/RoPE kernels) on the causal
+    LM itself, before PEFT and TRL wrap it. SFTTrainer forces `fused_linear_cross_entropy: False`
+    into `liger_kernel_config` when `use_liger_kernel` is set (it patches the LM head itself), so
+    qlora-kit leaves `use_liger_kernel` off and applies liger here. Returns whether the forward was
+    replaced (liger knows the architecture)."""
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    before = getattr(model, "forward")
+    _apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=True, cross_entropy=False)
+    return getattr(model, "forward") != before
+
+
+def reinstall_chunked_head(model) -> None:
+    """SFTTrainer adds a chunked LM head that also computes entropy and top-1 per token on every call;
+    put the same head back with log-probabilities only (metrics are for logging steps)."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if "forward" in vars(base):
+        del base.forward  # TRL's instance-level patch; the class forward is the model's own
+    add_fused_lm_head(base, outputs=("log_probs",))
+
+
+class FastStepMixin:
+    """Put before SFTTrainer in a subclass. `qk_loss_head` is set after construction."""
+
+    qk_loss_head = "model"
+    _qk_tokens = 0
+    _qk_pending: list | None = None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if return_outputs or not model.training:  # evaluation, predictions: TRL's own path
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        from transformers import Trainer
+
+        inputs = {**inputs, "use_cache": False}
+        if self.qk_loss_head == "chunked":
+            inputs["fused_lm_head"] = True
+        self._qk_count(inputs)
+        # transformers' own compute_loss: the model's loss with num_items_in_batch (gradient
+        # accumulation), averaged across processes like TRL's
+        loss, outputs = Trainer.compute_loss(self, model, inputs, return_outputs=True,
+                                             num_items_in_batch=num_items_in_batch)
+        logits = outputs.get("logits") if hasattr(outputs, "get") else None
+        if logits is not None and self._qk_logging_step():
+            self._qk_metrics(logits, inputs["labels"])
+        return loss
+
+    def floating_point_ops(self, inputs) -> int:
+        """Trainer's FLOP count for `total_flos`, with the parameter count read once: transformers
+        walks every module for it on every step (half a millisecond on a small model)."""
+        model = self.model
+        name = getattr(model, "main_input_name", "input_ids")
+        if name not in inputs or not hasattr(model, "num_parameters"):
+            return 0
+        if getattr(self, "_qk_params", None) is None:
+            self._qk_params = model.num_parameters(exclude_embeddings=True)
+        return 6 * inputs[name].numel() * self._qk_params
+
+    def _qk_count(self, inputs) -> None:
+        """Tokens seen (what TRL reports as num_tokens), kept on the device until a log."""
+        if "attention_mask" in inputs:
+            n = inputs["attention_mask"].sum()
+        elif "position_ids" in inputs:
+            n = inputs["position_ids"].size(1)
+        else:
+            return
+        self._qk_tokens = self._qk_tokens + n
+
+    def _qk_logging_step(self) -> bool:
+        args, step = self.args, self.state.global_step  # the step being computed becomes step + 1
+        if str(getattr(args.logging_strategy, "value", args.logging_strategy)) != "steps":
+            return False
+        return (step + 1) % max(int(args.logging_steps), 1) == 0 or (args.logging_first_step and step == 0)
+
+    def _qk_metrics(self, logits, labels) -> None:
+        import torch
+
+        with torch.no_grad():
+            mask = labels[:, 1:] != -100
+            lg = logits[:, :-1][mask].float()
+            if lg.numel() == 0:
+                return
+            logp = torch.log_softmax(lg, dim=-1)
+            entropy = -(logp.exp() * logp).sum(-1).mean()
+            accuracy = (lg.argmax(-1) == labels[:, 1:][mask]).float().mean()
+        if self._qk_pending is None:
+            self._qk_pending = []
+        self._qk_pending.append((entropy, accuracy))
+
+    def log(self, logs, *args, **kwargs):
+        metrics = self._metrics["train"]
+        if self.model.training:
+            for entropy, accuracy in self._qk_pending or []:
+                metrics["entropy"].append(float(entropy))
+                metrics["mean_token_accuracy"].append(float(accuracy))
+            self._qk_pending = None
+            total = self._qk_tokens
+            if not isinstance(total, int):
+                total = total.detach()
+            import torch
+
+            t = torch.as_tensor(total, device=self.args.device).reshape(1)
+            metrics["num_tokens"] = [int(self.accelerator.gather_for_metrics(t).sum()) // getattr(self, "_tp_size", 1)]
+        return super().log(logs, *args, **kwargs)
+
+
+# --- threads ------------------------------------------------------------------------------------------
+
+
+def set_threads() -> dict:
+    """torch intra-op threads = the cores this process may run on (`os.sched_getaffinity`: a
+    container's or taskset's share, not the machine's count), or an explicit OMP_NUM_THREADS;
+    inter-op threads 1 (a training step has no independent ops to overlap). Returns what was set."""
+    import torch
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        threads, source = int(env), "OMP_NUM_THREADS"
+    else:
+        threads, source = cores, f"sched_getaffinity: {cores} usable core{'s' if cores != 1 else ''}"
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set, or inter-op work already ran in this process
+        pass
+    return {"threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
+            "source": source, "usable_cores": cores}
+
+
+# --- the decisions for one run ------------------------------------------------------------------------
+
+
+@dataclass
+class FastPath:
+    """What train decided for this run and why: written to run.json and the run card."""
+    layout: Layout
+    loss_head: str
+    loss_head_why: str
+    checkpointing: str  # none | all layers | every nth layer (k of L)
+    every_n_layers: int  # 0: none, 1: all
+    checkpointing_why: str
+    threads: dict | None = None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["layout"] = self.layout.to_dict()
+        return d
+
+    def lines(self) -> list[str]:
+        out = [f"attention: {self.layout.attn_implementation}; {self.layout.why}",
+               f"gradient checkpointing: {self.checkpointing} ({self.checkpointing_why})",
+               f"loss: {self.loss_head_why}"]
+        if self.threads:
+            out.append(f"torch threads: {self.threads['threads']} ({self.threads['source']}), "
+                       f"inter-op {self.threads['interop_threads']}")
+        return out
+
+
+def decide(recipe, model_dir: str, threads: dict | None = None) -> FastPath:
+    """Layout and attention kernel, loss head, and (gradient_checkpointing: auto) checkpointing from
+    the memory plan within this machine's budget: the GPU's free memory, on CPU the available RAM."""
+    from . import attention, plan
+    from .model import has_gpu
+
+    gpu = has_gpu()
+    layout = attention.choose(recipe.training, gpu, attention.flash_attn_available())
+    try:
+        cfg, _ = plan.load_config(model_dir)
+        shape = plan.Shape.from_config(cfg)
+    except UserError as e:  # an architecture the planner cannot read: the safe choices
+        setting = recipe.training.gradient_checkpointing
+        n = 0 if setting is False else 1
+        head, why = choose_loss_head(recipe.training, 0, gpu, liger_available())
+        return FastPath(layout, head, why, plan.describe_checkpointing(n, 1),
+                        n, f"no memory plan for this model ({e.message})" if setting == "auto" else
+                        f"training.gradient_checkpointing: {str(setting).lower()}", threads)
+    head, head_why = choose_loss_head(recipe.training, shape.vocab, gpu, liger_available())
+    budget, budget_name = plan.memory_budget(gpu)
+    p = plan.make(recipe, model_dir, budget, device="cuda" if gpu else "cpu", loss_head=head, budget_name=budget_name)
+    return FastPath(layout, head, head_why, p.checkpointing, p.every_n_layers, p.checkpointing_why, threads)
