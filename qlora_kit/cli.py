@@ -335,9 +335,7 @@ def export_cmd(
     from . import export
 
     report = export.run(run_dir, fmt, out, dtype, grants=_grants(trust_remote_code, allow_pickle))
-    for w in report.get("warnings", []):
-        err.print(f"[yellow]warning[/]: {w}", highlight=False)
-    print(report["out"])
+    print(report["out"])  # export.run has printed its warnings
 
 
 @app.command("ui")
@@ -465,6 +463,9 @@ def data_synth_cmd(
 
 
 def main() -> None:
+    from .quiet import library_notes
+
+    library_notes()  # before any command imports bitsandbytes, which logs at import
     try:
         app()
     except UserError as e:

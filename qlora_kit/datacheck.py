@@ -108,6 +108,9 @@ def _encode_cached(tokenizer, prep: "Prepared", recipe: Recipe, stop_ids: set[in
         np.savez(tmp, ids=np.array([t for e in enc for t in e.input_ids], dtype=np.int32),
                  labels=np.array([t for e in enc for t in e.labels], dtype=np.int32),
                  offsets=np.r_[0, np.cumsum(lens)], flags=np.array([[e.truncated, e.answer_cut] for e in enc], dtype=bool).reshape(-1, 2))
+        from .rundir import share
+
+        share(tmp)  # mkstemp makes 0600; a cache shared through QLORA_KIT_CACHE is read by others
         os.replace(tmp, path)
     except OSError:
         pass  # no cache (read-only disk, full disk): correct, only slower next time

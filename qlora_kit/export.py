@@ -35,9 +35,6 @@ Q8_BLOCK = 32
 # vLLM's default --max-lora-rank; a larger adapter rank needs the flag
 VLLM_MAX_LORA_RANK = 16
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
 
 def run(run_dir: str | Path, fmt: str = "gguf", out: str | Path | None = None, dtype: str = "f16",
         grants=None) -> dict:
@@ -128,7 +125,7 @@ def _check_free(out: Path) -> None:
 
 def _share(path: Path, mode: int) -> None:
     # mkstemp/mkdtemp create owner-only files; exports are meant to be copied and shared
-    os.chmod(path, mode & ~_UMASK)
+    rundir.share(path, mode)
 
 
 # --- GGUF -----------------------------------------------------------------------------------------

@@ -144,6 +144,7 @@ def run(run_dir: str | Path, out: str | Path | None = None, dtype: str = "bf16",
     try:
         merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)
+        rundir.share_tree(tmp)  # the safetensors writer makes owner-only files
         report.update(run_dir=str(run_dir.resolve()), adapter=str(adapter.resolve()), base_model=info["base_model"],
                       created=rundir.now())
         (tmp / "qlora_kit_merge.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

@@ -59,6 +59,9 @@ def quiet_libraries() -> None:
     import logging
     import warnings
 
+    from .quiet import library_notes
+
+    library_notes()
     import datasets
     import transformers
 

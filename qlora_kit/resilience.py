@@ -89,7 +89,7 @@ class CompleteMarker(TrainerCallback):
         import torch
 
         from . import distributed
-        from .rundir import write_json
+        from .rundir import share_tree, write_json
 
         distributed.barrier()  # every data-parallel worker has written its part (its RNG state)
         if not state.is_world_process_zero:
@@ -100,6 +100,7 @@ class CompleteMarker(TrainerCallback):
         if model is not None and any(not torch.isfinite(p).all() for n, p in model.named_parameters() if p.requires_grad):
             shutil.rmtree(ckpt, ignore_errors=True)  # never offer a NaN checkpoint to resume from
             return
+        share_tree(ckpt)  # the safetensors writer makes owner-only files; a colleague may resume or read it
         write_json(ckpt / MARKER, {"step": state.global_step, "epoch": state.epoch})
 
 

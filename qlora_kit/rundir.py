@@ -22,18 +22,58 @@ import json
 import os
 import re
 import tempfile
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
 from .errors import UserError
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
 ADAPTER, TOKENIZER, CHECKPOINTS, LOGS = "adapter", "tokenizer", "checkpoints", "logs"
 # written into a checkpoint folder (by resilience.CompleteMarker) once every part of it is on disk
 COMPLETE = "qlora_kit_complete.json"
 _CHECKPOINT = re.compile(r"checkpoint-\d+")
+
+
+_umask_lock = threading.Lock()
+_umask_fallback: int | None = None
+
+
+def umask() -> int:
+    """The process umask. Linux shows it in /proc/self/status, a plain read; elsewhere the only way
+    to read it is to set it, which is done once, under a lock (another thread creating a file in
+    that instant would get the temporary mask)."""
+    global _umask_fallback
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    with _umask_lock:
+        if _umask_fallback is None:
+            _umask_fallback = os.umask(0o077)
+            os.umask(_umask_fallback)
+        return _umask_fallback
+
+
+def share(path, mode: int = 0o666) -> None:
+    """Give a file the mode open() would have (`mode` minus the umask). mkstemp, and the safetensors
+    writer (0.8, which saves through a temporary file), make owner-only files; run files, weights
+    and exports are meant to be readable by whoever may read the folder they are in."""
+    os.chmod(path, mode & ~umask())
+
+
+def share_tree(folder) -> None:
+    """share() every file and folder under `folder`, one this process has just written (an adapter,
+    a checkpoint, a merged model): 0o666/0o777 minus the umask, as open() and mkdir() would make."""
+    folder = Path(folder)
+    for root, dirs, files in os.walk(folder):
+        for d in dirs:
+            share(Path(root) / d, 0o777)
+        for f in files:
+            share(Path(root) / f)
+    share(folder, 0o777)
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -43,7 +83,7 @@ def write_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; run files are meant to be shared
+        share(tmp)  # mkstemp makes 0600; run files are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -114,6 +114,9 @@ def ensure(name: str = "tiny") -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
     try:
         build(name, tmp)
+        from .rundir import share_tree
+
+        share_tree(tmp)  # mkdtemp and the safetensors writer make owner-only folders and files
         try:
             tmp.rename(final)
         except OSError:  # another process won the race; its copy is identical

@@ -262,6 +262,8 @@ def preflight(recipe: Recipe, quiet: bool = False, measure: bool = False) -> Pre
         warnings.append("no CUDA GPU found; a multi-billion-parameter model trains on CPU at a few tokens per "
                         "second (use --base-model builtin:tiny to check the pipeline)")
     model_dir = resolve_base_model(recipe.base_model, recipe.revision, recipe.trust_remote_code, recipe.allow_pickle)
+    if recipe.from_adapter:
+        from_adapter_folder(recipe.from_adapter, recipe.base_model, model_dir)
     check_device_switches(recipe)  # GPU-only switches are refused before anything is written
 
     # 2b. will it fit? (from the config alone; the planner's components are in `qlora-kit plan`)
@@ -355,6 +357,7 @@ def run(recipe: Recipe, run_dir_arg: str | None = None, callbacks: list | None =
     resume_from = None
     existing = Path(run_dir_arg) if run_dir_arg else None
     reuse = existing is not None and rundir.is_run_dir(existing)
+    was_there = existing is not None and existing.exists()  # (empty, unless reused): emptied, never removed
     old = rundir.read_info(existing) if reuse else {}
     distributed.barrier()  # every worker has looked at the directory before rank 0 writes to it
     if reuse:
@@ -428,6 +431,7 @@ def run(recipe: Recipe, run_dir_arg: str | None = None, callbacks: list | None =
     console.print(f"run directory: {run_dir}")
 
     attempt_recipe = recipe
+    steps = _steps_done()
     try:
         while True:
             try:
@@ -436,7 +440,7 @@ def run(recipe: Recipe, run_dir_arg: str | None = None, callbacks: list | None =
                 for line in fast.lines():
                     console.print(line, highlight=False)
                 trainer, metrics, stops = _fit(attempt_recipe, model_dir, tokenizer, train_rows, eval_rows, run_dir,
-                                               resume_from, info, callbacks, fast)
+                                               resume_from, info, [*(callbacks or []), steps], fast)
                 break
             except BaseException as e:
                 t = attempt_recipe.training
@@ -487,6 +491,7 @@ def run(recipe: Recipe, run_dir_arg: str | None = None, callbacks: list | None =
         tmp = run_dir / ".adapter.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         trainer.model.save_pretrained(tmp, safe_serialization=True)
+        rundir.share_tree(tmp)  # the safetensors writer makes owner-only files
         info["adapter_check"] += "; " + check_adapter_files(tmp, info["lora"]["trainable_params"])
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -507,7 +512,9 @@ def run(recipe: Recipe, run_dir_arg: str | None = None, callbacks: list | None =
                                       f"free disk space, then rerun the same command with --run-dir {run_dir} to resume")
         info.update(status="interrupted" if stopped else "failed",
                     finished=rundir.now(), error=f"{type(e).__name__}: {e}"[:500])
-        if world.main:
+        if world.main and not reuse and steps.done == 0:
+            _leave_nothing(run_dir, was_there)
+        elif world.main:
             rundir.write_json(run_dir / "run.json", info)
             rundir.write_card(run_dir, info, recipe, {})
         if isinstance(e, resilience.RunStopped):
@@ -519,6 +526,32 @@ def run(recipe: Recipe, run_dir_arg: str | None = None, callbacks: list | None =
     ev_s = f", eval loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else ""
     console.print(f"[green]done[/]: {metrics['global_step']} steps, train loss {metrics['train_loss']:.4f}{ev_s}")
     return run_dir
+
+
+def _steps_done():
+    """A TrainerCallback whose `done` is the last optimizer step this process finished (0: none yet)."""
+    from transformers import TrainerCallback
+
+    class StepsDone(TrainerCallback):
+        done = 0
+
+        def on_step_end(self, args, state, control, **kw):
+            self.done = state.global_step
+
+    return StepsDone()
+
+
+def _leave_nothing(run_dir: Path, was_there: bool) -> None:
+    """A new run that failed before its first step has nothing to resume or read: remove what it
+    wrote, so the corrected command can use the same --run-dir without --force. A folder that was
+    there before (empty: --run-dir, or the data-parallel launcher's) is emptied, not removed."""
+    if was_there:
+        for child in run_dir.iterdir():
+            shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    console.print(f"{run_dir}: {'emptied' if was_there else 'removed'}, as the run stopped before its first step",
+                  highlight=False)
 
 
 def _fit(recipe: Recipe, model_dir: str, tokenizer, train_rows, eval_rows, run_dir: Path, resume_from,
@@ -545,7 +578,7 @@ def _fit(recipe: Recipe, model_dir: str, tokenizer, train_rows, eval_rows, run_d
     model.config.use_cache = False
     emb_mods, emb_why = embedding_modules(recipe, model, tokenizer.eos_token_id)
     if recipe.from_adapter:
-        model = continue_adapter(model, recipe.from_adapter, model_dir)
+        model = continue_adapter(model, recipe.from_adapter, recipe.base_model, model_dir)
     else:
         if emb_why:
             console.print(f"{'embeddings trained' if emb_mods else '[yellow]warning[/]'}: {emb_why}", highlight=False)
@@ -605,17 +638,24 @@ def _fit(recipe: Recipe, model_dir: str, tokenizer, train_rows, eval_rows, run_d
     return trainer, metrics, stops
 
 
-def continue_adapter(model, source: str, model_dir: str):
+def from_adapter_folder(source: str, base_model: str, model_dir: str) -> Path:
+    """The adapter folder --from-adapter names (a run's final adapter, or one of its complete
+    checkpoints), refused unless it was trained on this base model."""
+    src = Path(source)
+    info = rundir.read_info(src)
+    _, adapter = rundir.resolve(src)
+    if info.get("base_model_path") != model_dir:
+        raise UserError(f"--from-adapter {src}: that adapter was trained on {info.get('base_model')}, not on {base_model}",
+                        f"use --base-model {info.get('base_model')}, the base of the run you continue")
+    return adapter
+
+
+def continue_adapter(model, source: str, base_model: str, model_dir: str):
     """Start from a trained adapter (laws or guidelines changed: train on the new data)."""
     from peft import PeftModel
 
-    src = Path(source)
-    info = rundir.read_info(src)
-    _, adapter = rundir.resolve(src)  # a run's final adapter, or one of its complete checkpoints
-    if info.get("base_model_path") != model_dir:
-        raise UserError(f"--from-adapter {src}: that adapter was trained on {info.get('base_model')}, not on this base",
-                        "use the same --base-model as the run you continue")
-    console.print(f"continuing the adapter of {src}")
+    adapter = from_adapter_folder(source, base_model, model_dir)
+    console.print(f"continuing the adapter of {source}")
     return PeftModel.from_pretrained(model, adapter, is_trainable=True)
 
 

@@ -15,6 +15,7 @@ import tempfile
 import unicodedata
 from pathlib import Path
 
+from .. import rundir
 from ..data import file_sha256
 from ..errors import UserError
 
@@ -78,7 +79,7 @@ async def save(chunks, folder: Path, name: str, limit: int) -> Path:
         if same:
             os.unlink(tmp)
             return target
-        os.chmod(tmp, 0o644)
+        rundir.share(tmp)  # mkstemp makes 0600; the upload is read like any file the user saved
         try:
             os.link(tmp, target)  # fails rather than replaces if the name was taken meanwhile
             os.unlink(tmp)
