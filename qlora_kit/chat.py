@@ -30,13 +30,15 @@ def parse_adapters(run_dir: Path | None, specs: list[str]) -> dict[str, Path]:
     return runs
 
 
-def one_shot(engine, prompt: str, max_new_tokens: int, out=sys.stdout) -> str:
-    res = engine.generate(engine.messages(prompt), max_new_tokens, on_text=lambda t: (out.write(t), out.flush()))
+def one_shot(engine, prompt: str, max_new_tokens: int, out=sys.stdout, constraint=None):
+    """Stream one answer to `out`; the generate.Result. `constraint`: JSON only (structured.Constraint)."""
+    res = engine.generate(engine.messages(prompt), max_new_tokens, on_text=lambda t: (out.write(t), out.flush()),
+                          constraint=constraint)
     out.write("\n")
-    return res.text
+    return res
 
 
-def repl(engine, max_new_tokens: int, console, read=input, out=sys.stdout) -> None:
+def repl(engine, max_new_tokens: int, console, read=input, out=sys.stdout, constraint=None) -> None:
     history: list[dict] = []
     console.print(f"chatting with [bold]{engine.active}[/] ({HELP})")
     while True:
@@ -74,7 +76,9 @@ def repl(engine, max_new_tokens: int, console, read=input, out=sys.stdout) -> No
             console.print(f"unknown command; {HELP}")
             continue
         msgs = engine.messages(cmd, history)
-        res = engine.generate(msgs, max_new_tokens, on_text=lambda t: (out.write(t), out.flush()))
+        res = engine.generate(msgs, max_new_tokens, on_text=lambda t: (out.write(t), out.flush()), constraint=constraint)
         out.write("\n")
+        if res.finish_reason == "length" and constraint is not None:
+            console.print(f"[yellow]the answer reached --max-new-tokens {max_new_tokens} before its JSON was complete[/]")
         history = msgs[1:] if msgs and msgs[0]["role"] == "system" else msgs
         history = history + [{"role": "assistant", "content": res.text}]

@@ -34,6 +34,10 @@ TRUST_HELP = "allow the base model's own Python code (auto_map) to run; a run's 
 PICKLE_HELP = "accept pickled *.bin weights (they can run code); a run's recipe.yaml never grants it"
 
 
+JSON_SCHEMA_HELP = ("answer with JSON matching this JSON Schema file, enforced while decoding (compact, finished within "
+                    "the token budget), e.g. recipes/finance.schema.json")
+
+
 QUESTION_TEMPLATE_HELP = ("build each question from several columns (data.question_template): {column} inserts the "
                           "row's cell, {{ }} are literal braces, \\n is a line break; e.g. "
                           "'【故障代码】{fault_code}\\n【问题】{question}'")
@@ -218,14 +222,21 @@ def generate_cmd(
     model_dir: Path = typer.Argument(..., help="a run directory (adapter) or a merged model folder"),
     prompt: str = typer.Option(..., "--prompt", "-p", help="the question"),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
+    json_schema: Optional[Path] = typer.Option(None, "--json-schema", metavar="FILE", help=JSON_SCHEMA_HELP),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help=PICKLE_HELP),
 ) -> None:
     """Answer one question with a trained adapter or merged model (greedy, stored chat template)."""
     from . import generate
 
+    constraint = _json_schema(json_schema)  # a bad schema file is refused before the model loads
     loaded = generate.load(model_dir, _grants(trust_remote_code, allow_pickle))
-    print(generate.answer(loaded, prompt, max_new_tokens))
+    if constraint is None:
+        print(generate.answer(loaded, prompt, max_new_tokens))
+        return
+    res = loaded.generate(loaded.messages(prompt), max_new_tokens, constraint=constraint)
+    print(res.text)
+    _json_cut(res, constraint, loaded, max_new_tokens)
 
 
 @app.command("eval")
@@ -234,6 +245,9 @@ def eval_cmd(
     data: Optional[Path] = typer.Option(None, "--data", help="questions to evaluate on (default: the run's held-out split)"),
     limit: Optional[int] = typer.Option(None, "--limit", help="evaluate at most N samples"),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens"),
+    json_schema: Optional[Path] = typer.Option(None, "--json-schema", metavar="FILE", help="also answer each question "
+                                               "under this JSON Schema (constrained decoding) and report valid JSON with "
+                                               "and without it (default: the recipe's evaluation.json_schema)"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help=PICKLE_HELP),
     grades: list[Path] = typer.Option([], "--grades", metavar="FILE", help="read a graded review sheet (.csv/.xlsx) "
@@ -244,16 +258,16 @@ def eval_cmd(
     if grades:
         from . import grades as grading
 
-        if data or limit or max_new_tokens:
-            raise UserError("--grades reads grades back and answers no questions: --data, --limit and "
-                            "--max-new-tokens do not apply", f"run `qlora-kit eval {run_dir}` and `--grades` separately")
+        if data or limit or max_new_tokens or json_schema:
+            raise UserError("--grades reads grades back and answers no questions: --data, --limit, "
+                            "--max-new-tokens and --json-schema do not apply", f"run `qlora-kit eval {run_dir}` and `--grades` separately")
         grading.run(run_dir, grades)
         print(run_dir / "report.html")
         return
     from . import evaluate
 
     result = evaluate.run(run_dir, str(data) if data else None, limit, max_new_tokens,
-                          grants=_grants(trust_remote_code, allow_pickle))
+                          grants=_grants(trust_remote_code, allow_pickle), json_schema=json_schema)
     from .report import metric_rows
 
     from rich.table import Table
@@ -275,19 +289,45 @@ def chat_cmd(
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="answer this one question and exit"),
     use: Optional[str] = typer.Option(None, "--use", help="adapter to start with (default: the first)"),
     max_new_tokens: int = typer.Option(512, "--max-new-tokens"),
+    json_schema: Optional[Path] = typer.Option(None, "--json-schema", metavar="FILE", help=JSON_SCHEMA_HELP),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help=PICKLE_HELP),
 ) -> None:
     """Chat with a tuned model, streaming; /use NAME switches adapters without reloading the base."""
     from . import chat, generate
 
+    constraint = _json_schema(json_schema)
     engine = generate.Engine.from_runs(chat.parse_adapters(run_dir, adapter), _grants(trust_remote_code, allow_pickle))
     if use:
         engine.use(None if use == "base" else use)
     if prompt is not None:
-        chat.one_shot(engine, prompt, max_new_tokens)
+        res = chat.one_shot(engine, prompt, max_new_tokens, constraint=constraint)
+        if constraint is not None:
+            _json_cut(res, constraint, engine, max_new_tokens)
     else:
-        chat.repl(engine, max_new_tokens, err)
+        chat.repl(engine, max_new_tokens, err, constraint=constraint)
+
+
+def _json_schema(path: Optional[Path]):
+    """--json-schema FILE as a compiled constraint (None without the option)."""
+    if path is None:
+        return None
+    from . import structured
+
+    return structured.load(path)
+
+
+def _json_cut(res, constraint, engine, max_new_tokens: int) -> None:
+    """A constrained answer cut by the token budget is not valid JSON: say so and exit 1."""
+    if res.finish_reason != "length":
+        return
+    a = engine.current
+    need = constraint.min_tokens(a.tokenizer, a.stop_ids)
+    err.print(f"[bold red]error[/]: the answer reached --max-new-tokens {max_new_tokens} before its JSON was complete, "
+              "so it is not valid JSON" + (f" (the schema needs at least {need} tokens with this model)" if need else ""),
+              highlight=False)
+    err.print("  [bold]fix[/]: raise --max-new-tokens, or bound the schema's strings (maxLength)", highlight=False)
+    sys.exit(1)
 
 
 @app.command("serve")

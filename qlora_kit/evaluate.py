@@ -3,7 +3,10 @@
 Base and tuned model are the same 4-bit base (the adapter switched off and on), the same chat
 template (the run's), greedy decoding. Each held-out question is answered by both; answers are
 scored with generic character-level metrics and the recipe's domain metrics (metrics.py);
-teacher-forced eval loss on the reference answers is measured for both too. `report.py` turns
+teacher-forced eval loss on the reference answers is measured for both too. When the answers are
+JSON (a JSON task, a recipe's evaluation.json_schema or --json-schema), each question is answered
+once more under the schema (constrained decoding, structured.py) and the valid-JSON rate of both
+answers is reported. `report.py` turns
 the result into report.md, report.html (with loss curves) and review.csv in the run directory.
 """
 
@@ -66,9 +69,36 @@ def _percentile(xs, q):
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
+JSON_TASKS = ("finance",)  # tasks whose metrics read JSON fields from the answers
+
+
+def eval_constraint(recipe, json_schema: str | Path | None):
+    """The JSON constraint eval also answers under (None: the answers are not JSON): --json-schema,
+    else the recipe's evaluation.json_schema, else any JSON object for a task scored on JSON fields."""
+    from . import structured
+
+    if json_schema:
+        return structured.load(json_schema)
+    if recipe.evaluation.json_schema:
+        return structured.load(recipe.evaluation.json_schema, "the run's evaluation.json_schema")
+    return structured.json_object() if recipe.evaluation.task in JSON_TASKS else None
+
+
+def json_metrics(constraint, task: str, free: str, constrained, ref: str) -> dict:
+    """Valid JSON rate of the free answer and of the one decoded under the constraint: the whole answer
+    one JSON value that matches the schema (what a program reading it needs), and, for JSON tasks,
+    field accuracy of the constrained answer."""
+    out = {"json_schema_valid": float(constraint.problem(free) is None),
+           "json_schema_valid_constrained": float(constraint.problem(constrained.text) is None)}
+    if task in JSON_TASKS:
+        out["field_accuracy_constrained"] = metrics.json_scores(constrained.text, ref)["field_accuracy"]
+    return out
+
+
 def run(run_dir: str | Path, data_file: str | None = None, limit: int | None = None,
-        max_new_tokens: int | None = None, grants=None) -> dict:
-    """`grants` (recipe.Grants): what this command's flags allow; the run's recipe.yaml grants nothing."""
+        max_new_tokens: int | None = None, grants=None, json_schema: str | Path | None = None) -> dict:
+    """`grants` (recipe.Grants): what this command's flags allow; the run's recipe.yaml grants nothing.
+    `json_schema`: a JSON Schema file to answer under as well (default: see eval_constraint)."""
     from . import generate
     from .model import refuse_unsafe
     from .recipe import Grants, load_run_recipe
@@ -81,13 +111,15 @@ def run(run_dir: str | Path, data_file: str | None = None, limit: int | None = N
     # before the held-out data is prepared: a refusal should cost nothing
     refuse_unsafe(info["base_model_path"], grants.trust_remote_code, grants.allow_pickle)
     ev = recipe.evaluation
+    constraint = eval_constraint(recipe, json_schema)  # a bad schema is refused before any model loads
     convs, wheres = held_out(run_dir, recipe, data_file)
     n = limit or ev.limit
     if n:
         convs, wheres = convs[:n], wheres[:n]
     max_new = max_new_tokens or ev.max_new_tokens
     engine = generate.Engine.from_runs({"tuned": target}, grants)
-    console.print(f"eval: {len(convs)} held-out samples, task {ev.task}, greedy, up to {max_new} new tokens")
+    console.print(f"eval: {len(convs)} held-out samples, task {ev.task}, greedy, up to {max_new} new tokens"
+                  + (f"; each also constrained to JSON ({constraint.name})" if constraint else ""))
 
     rows = []
     sides = {"base": None, "tuned": "tuned"}
@@ -104,13 +136,19 @@ def run(run_dir: str | Path, data_file: str | None = None, limit: int | None = N
             row[side] = {"answer": res.text, "new_tokens": res.new_tokens, "seconds": res.seconds,
                          "nll": nll, "answer_tokens": count,
                          **metrics.score(ev.task, res.text, ref, ev.glossary)}
+            if constraint is not None:
+                res_c = engine.generate(prompt, max_new, constraint=constraint)
+                row[side].update(answer_constrained=res_c.text, constrained_tokens=res_c.new_tokens,
+                                 constrained_seconds=res_c.seconds,
+                                 **json_metrics(constraint, ev.task, res.text, res_c, ref))
         rows.append(row)
         console.print(f"  {i + 1}/{len(convs)} rouge_l base {row['base']['rouge_l']:.2f} -> tuned {row['tuned']['rouge_l']:.2f}",
                       highlight=False)
 
     summary = {}
     for side in sides:
-        agg = metrics.aggregate([{k: v for k, v in r[side].items() if k not in ("answer",)} for r in rows])
+        agg = metrics.aggregate([{k: v for k, v in r[side].items() if k not in ("answer", "answer_constrained")}
+                                 for r in rows])
         nll = sum(r[side]["nll"] for r in rows)
         cnt = sum(r[side]["answer_tokens"] for r in rows)
         agg["eval_loss"] = nll / max(cnt, 1)
@@ -120,12 +158,16 @@ def run(run_dir: str | Path, data_file: str | None = None, limit: int | None = N
         agg["tokens_per_s"] = toks / max(sum(secs), 1e-9)
         agg["latency_p50_s"] = _percentile(secs, 0.5)
         agg["latency_p99_s"] = _percentile(secs, 0.99)
-        for k in ("nll", "answer_tokens", "seconds", "new_tokens"):
+        if constraint is not None:
+            agg["tokens_per_s_constrained"] = (sum(r[side]["constrained_tokens"] for r in rows)
+                                               / max(sum(r[side]["constrained_seconds"] for r in rows), 1e-9))
+        for k in ("nll", "answer_tokens", "seconds", "new_tokens", "constrained_tokens", "constrained_seconds"):
             agg.pop(k, None)
         summary[side] = agg
     result = {
         "run_dir": str(run_dir), "adapter": str(target), "base_model": info["base_model"], "task": ev.task, "samples": len(rows),
         "data": data_file or "held-out split of the training data", "max_new_tokens": max_new,
+        "json_schema": constraint.name if constraint else None,
         "summary": summary, "rows": rows, "created": rundir.now(),
         "device": info.get("device"), "median_answer_tokens": statistics.median([r["tuned"]["new_tokens"] for r in rows]) if rows else 0,
     }

@@ -206,7 +206,8 @@ class Engine:
 
     def generate(self, messages: list[dict], max_new_tokens: int = 256, on_text=None, *, adapter=CURRENT,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                 stop: list[str] | None = None, cancel: threading.Event | None = None) -> Result:
+                 stop: list[str] | None = None, cancel: threading.Event | None = None,
+                 constraint=None) -> Result:
         """Complete the last user turn; `on_text(str)` receives the answer as it streams.
 
         `adapter`: a name, None for the base model, or CURRENT (what `use()` selected); it is
@@ -215,6 +216,8 @@ class Engine:
         cut before the first `stop` string. Setting `cancel` ends the generation at the next token
         (or before it starts, if still waiting for the lock) with finish_reason "cancelled".
         An exception from `on_text` stops the generation and propagates; the lock is released.
+        `constraint` (structured.Constraint): the answer is JSON matching it, finished within
+        max_new_tokens when the schema allows (else finish_reason "length").
         """
         import contextlib
 
@@ -238,6 +241,12 @@ class Engine:
                 criteria.append(_Cancelled(cancel))
             kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "max_new_tokens": max_new_tokens,
                       "eos_token_id": a.stop_ids, "pad_token_id": a.tokenizer.pad_token_id, "stopping_criteria": criteria}
+            if constraint is not None:  # JSON only: llguidance's grammar masks each step's logits
+                from transformers import LogitsProcessorList
+
+                sample = bool(temperature and temperature > 0)
+                kwargs["logits_processor"] = LogitsProcessorList([constraint.processor(a.tokenizer, a.stop_ids,
+                                                                                       max_new_tokens, sample)])
             if stop:  # transformers' own stop-string criterion; the text is cut below
                 kwargs.update(stop_strings=stop, tokenizer=a.tokenizer)
             if temperature and temperature > 0:
@@ -248,7 +257,8 @@ class Engine:
             sink = _StopFilter(on_text, stop) if (on_text is not None and stop) else on_text
             if sink is not None:
                 # runs in this thread, inside generate(): nothing can be left blocked on a queue
-                kwargs["streamer"] = _streamer_class()(a.tokenizer, sink)
+                # JSON has no spaces to break words at: stream it token by token instead
+                kwargs["streamer"] = _streamer_class()(a.tokenizer, sink, eager=constraint is not None)
             base_off = self.model.disable_adapter() if (name is None and self.kind == "adapter") else contextlib.nullcontext()
             with base_off, torch.no_grad():
                 if seed is not None and kwargs["do_sample"]:
@@ -266,6 +276,8 @@ class Engine:
             reason = "stop"
         else:
             reason = "length" if new.shape[0] >= max_new_tokens else "stop"
+        if reason == "length" and constraint is not None and constraint.problem(answer) is None:
+            reason = "stop"  # the JSON closed on the budget's last token, with no room left for the end token
         return Result(answer, int(new.shape[0]), seconds, n_prompt, reason)
 
 
@@ -277,9 +289,21 @@ def _streamer_class():
         """TextStreamer's incremental decoding (whole words, whole UTF-8 characters), handed to a
         callback instead of stdout or a queue."""
 
-        def __init__(self, tokenizer, on_text):
+        def __init__(self, tokenizer, on_text, eager: bool = False):
             super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
-            self._on_text = on_text
+            self._on_text, self._eager = on_text, eager
+
+        def put(self, value):
+            """eager: each token's text at once, except a trailing partial character (bytes still to
+            come) or trailing whitespace (a clean-up may yet drop it before punctuation)."""
+            if not self._eager or (self.skip_prompt and self.next_tokens_are_prompt):
+                return super().put(value)
+            self.token_cache.extend(value.reshape(-1).tolist())
+            text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
+            stable = len(text.rstrip("\ufffd").rstrip())
+            if stable > self.print_len:
+                self.on_finalized_text(text[self.print_len:stable])
+                self.print_len = stable
 
         def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
             if text:

@@ -161,6 +161,10 @@ class EvaluationConfig(_Section):
     glossary: list[str] = Field(default_factory=list, description="terms an answer should use (medical, industrial)")
     max_new_tokens: int = Field(256, ge=1)
     limit: int | None = Field(None, ge=1, description="evaluate at most this many held-out samples")
+    json_schema: str | None = Field(
+        None, description="JSON Schema file the answers follow (relative to the recipe): `eval` also answers under "
+                          "it (constrained decoding) and reports valid JSON with and without; `generate`/`chat`/`serve` "
+                          "use it when asked (--json-schema, response_format)")
 
 
 class Recipe(_Section):
@@ -247,6 +251,9 @@ def read_recipe_file(path: Path) -> dict[str, Any]:
         data["path"] = _relative_to(data["path"], path.parent)
     elif isinstance(data, dict) and isinstance(data.get("path"), list):
         data["path"] = [_relative_to(p, path.parent) if isinstance(p, str) else p for p in data["path"]]
+    ev = raw.get("evaluation")
+    if isinstance(ev, dict) and isinstance(ev.get("json_schema"), str):
+        ev["json_schema"] = _relative_to(ev["json_schema"], path.parent)
     if isinstance(raw.get("base_model"), str) and raw["base_model"].startswith(("./", "../")):
         raw["base_model"] = _relative_to(raw["base_model"], path.parent)
     return raw

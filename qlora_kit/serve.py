@@ -92,6 +92,7 @@ class ChatRequest:
     include_usage: bool = False
     prompt_tokens: int = 0  # counted after admission (Service._admit): tokenizing is the costly part
     max_tokens_param: str = "max_tokens"  # or max_completion_tokens: the field an error names
+    constraint: object = None  # structured.Constraint from response_format: JSON (matching a schema) only
 
 
 JSON_TYPES = {bool: "boolean", str: "string", list: "array", dict: "object", float: "number", int: "integer"}
@@ -384,13 +385,32 @@ class Service:
             raise _bad("'stream_options' must be an object", "stream_options", "invalid_type")
         if opts.get("include_usage") is not None and not isinstance(opts["include_usage"], bool):
             raise _bad("'stream_options.include_usage' must be a boolean", "stream_options.include_usage", "invalid_type")
+        constraint = self._response_format(body.get("response_format"), adapter)
 
         a = self.engine.template_for(adapter)
         if a.system_prompt and not any(m["role"] == "system" for m in msgs):
             msgs.insert(0, {"role": "system", "content": a.system_prompt})
         self._check_chars(adapter, msgs, max_tokens, key)
         return ChatRequest(model, adapter, msgs, max_tokens, temperature, top_p, seed, stop, bool(stream),
-                           bool(opts.get("include_usage")), max_tokens_param=key)
+                           bool(opts.get("include_usage")), max_tokens_param=key, constraint=constraint)
+
+    def _response_format(self, rf, adapter: str | None):
+        """OpenAI's response_format as a structured.Constraint (None: free text); 400 naming it when the
+        type is unknown, the schema invalid or not compilable, or the model's tokenizer unsupported."""
+        if rf is None:
+            return None
+        from . import structured
+
+        try:
+            constraint = structured.from_response_format(rf)
+            if constraint is not None:  # built once per tokenizer; refused here, not mid-generation
+                a = self.engine.template_for(adapter)
+                structured.vocab(a.tokenizer, a.stop_ids)
+        except ValueError as e:
+            raise _bad(str(e), "response_format", "invalid_value") from None
+        except UserError as e:
+            raise _bad(e.message, "response_format", "unsupported_value") from None
+        return constraint
 
     def _check_chars(self, adapter: str | None, msgs: list[dict], max_tokens: int, key: str) -> None:
         """Refuse, without tokenizing, a prompt too long in characters to fit the context in tokens.
@@ -475,7 +495,7 @@ class Service:
         try:
             res = self.engine.generate(req.messages, req.max_tokens, on_text, adapter=req.adapter,
                                        temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=req.stop,
-                                       cancel=cancel)
+                                       cancel=cancel, constraint=req.constraint)
             outcome = "cancelled" if res.finish_reason == "cancelled" else "completed"
             log.info("%s%s: %d prompt + %d new tokens in %.2f s (%s)", req.model, " (stream)" if on_text else "",
                      res.prompt_tokens, res.new_tokens, res.seconds, res.finish_reason)
