@@ -2,6 +2,7 @@
 
 Several adapters share one 4-bit base (`--adapter legal=RUN1 --adapter medical=RUN2`); each
 answers with its own stored chat template. Commands: /use NAME, /base, /adapters, /reset, /exit.
+With --json-schema FILE every answer is JSON matching the schema (structured.py).
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ Two layers, so the local web UI reuses the same code instead of copying it:
 - `Service`: transport-free. Validates OpenAI chat-completion bodies, picks the adapter named by
   `model` ("base": the base model with the adapter disabled), generates through
   `generate.Engine` (one 4-bit base, each run's own stored chat template) and returns OpenAI
-  objects (`chat.completion`, `chat.completion.chunk`, `list` of models). Mistakes raise
+  objects (`chat.completion`, `chat.completion.chunk`, `list` of models); `response_format` makes
+  the answer JSON matching a schema, enforced while decoding (structured.py). Mistakes raise
   `ApiError`, which carries the HTTP status and OpenAI's error body.
 - `create_app`: FastAPI routes over a Service (/v1/models, /v1/chat/completions with SSE
   streaming, /health), bearer-key auth, OpenAI-style errors for everything.

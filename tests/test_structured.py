@@ -213,6 +213,10 @@ def test_generate_json_schema_prints_valid_json(tiny_run, schema):
                                  "--max-new-tokens", "12"])
     assert r.exit_code == 1 and "before its JSON was complete" in r.stderr and "raise --max-new-tokens" in r.stderr
     assert "needs at least" in r.stderr
+    r = CliRunner().invoke(app, ["chat", str(run_dir), "--json-schema", str(FINANCE_SCHEMA), "-p", CLAUSES[1],
+                                 "--max-new-tokens", "64"])  # chat streams the same constrained answer
+    assert r.exit_code == 0, r.stderr
+    jsonschema.validate(json.loads(r.stdout), schema)
 
 
 def test_bad_schema_file_is_exit_2_naming_file_and_line(tiny_run, tmp_path):
