@@ -18,7 +18,9 @@ HELP = "/use NAME · /base · /adapters · /reset · /exit"
 def parse_adapters(run_dir: Path | None, specs: list[str]) -> dict[str, Path]:
     runs: dict[str, Path] = {}
     if run_dir is not None:
-        runs[run_dir.name] = run_dir
+        from .rundir import default_name
+
+        runs[default_name(run_dir)] = run_dir
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:

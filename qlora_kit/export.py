@@ -89,15 +89,16 @@ def _source(path: Path) -> Source:
                       tokenizer_dir=path, stop_token_ids=list(stops), base_model=meta.get("base_model"),
                       spm_model=spm if spm.is_file() else None, merged_dir=path, info=info,
                       run_dir=run if info else None)
-    info = rundir.read_info(path)  # a UserError for anything that is not a run directory
-    rundir.require_adapter(path)
+    run, _ = rundir.resolve(path)  # a UserError for anything that is not a run directory or a complete checkpoint
+    info = rundir.read_info(run)
     base = Path(info["base_model_path"])
     if not (base / "config.json").is_file():
         raise UserError(f"base model of this run not found at {base}",
                         "restore the base model there (the run card names it)")
     spm = base / "tokenizer.model"
-    return Source(path=path, name=path.name, config=_read_json(base / "config.json"),
-                  tokenizer_dir=path / rundir.TOKENIZER, stop_token_ids=list(info.get("tokenizer", {}).get("stop_token_ids") or []),
+    # run_dir: what merge reads (RUN or its checkpoint); the name says which checkpoint it was
+    return Source(path=path, name=rundir.default_name(path), config=_read_json(base / "config.json"),
+                  tokenizer_dir=run / rundir.TOKENIZER, stop_token_ids=list(info.get("tokenizer", {}).get("stop_token_ids") or []),
                   base_model=info.get("base_model"), spm_model=spm if spm.is_file() else None, run_dir=path, info=info)
 
 
@@ -144,7 +145,7 @@ def export_gguf(path: Path, out: str | Path | None, dtype: str, grants=None) -> 
     hf_arch, arch = _arch(src.config)
     if out is None:
         # a merged folder without its run: next to the folder, not inside the model
-        out = (src.run_dir / "export" if src.run_dir else path.parent) / f"{src.name}-{dtype}.gguf"
+        out = (rundir.resolve(src.run_dir)[0] / "export" if src.run_dir else path.parent) / f"{src.name}-{dtype}.gguf"
     out = Path(out)
     _check_free(out)
     if out.is_dir():
@@ -598,9 +599,9 @@ def export_peft(path: Path, out: str | Path | None) -> dict:
     if _is_merged_dir(path):
         raise UserError(f"{path} is a merged model, which has no adapter to export",
                         "pass the run directory (the merged folder's parent), or use --format gguf")
-    info = rundir.read_info(path)
-    adapter = rundir.require_adapter(path)
-    out = Path(out) if out else path / "export" / "peft"
+    run, adapter = rundir.resolve(path)  # RUN, or RUN/checkpoints/checkpoint-N with its adapter
+    info = rundir.read_info(run)
+    out = Path(out) if out else run / "export" / ("peft" if adapter.name == rundir.ADAPTER else f"peft-{adapter.name}")
     _check_free(out)
     cfg = _read_json(adapter / "adapter_config.json")
     warnings = []
@@ -619,13 +620,13 @@ def export_peft(path: Path, out: str | Path | None) -> dict:
         warnings.append("DoRA adapters are not supported by vLLM's LoRA")
     if cfg.get("bias", "none") != "none":
         warnings.append(f"lora bias={cfg['bias']} is not supported by vLLM's LoRA")
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", path.name).strip("-") or "adapter"
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", rundir.default_name(path)).strip("-") or "adapter"
     rank = max([cfg.get("r") or 0, *(cfg.get("rank_pattern") or {}).values()])
     serve = f"vllm serve {base} --enable-lora --lora-modules {name}={out.resolve()}"
     if rank > VLLM_MAX_LORA_RANK:
         serve += f" --max-lora-rank {rank}"
     template_source = info.get("tokenizer", {}).get("template_source", "model")
-    tok_dir = path / rundir.TOKENIZER
+    tok_dir = run / rundir.TOKENIZER
     if template_source != "model" and (tok_dir / "chat_template.jinja").is_file():
         # vLLM renders prompts with the base model's template unless told otherwise
         serve += f" --chat-template {out.resolve() / 'chat_template.jinja'}"

@@ -114,6 +114,8 @@ class Engine:
     def from_runs(cls, runs: dict[str, str | Path], grants=None) -> Engine:
         """One 4-bit base (the runs must share it) with each run's adapter loaded under its name.
         `grants` (recipe.Grants): what this command's own flags allow; the runs' recipes grant nothing."""
+        # RUN, or RUN/checkpoints/checkpoint-N with its adapter: a wrong path is refused before torch loads
+        resolved = {name: rundir.resolve(path) for name, path in runs.items()}
         from peft import PeftModel
 
         from .model import load_4bit, load_saved_tokenizer, quiet_libraries
@@ -123,10 +125,8 @@ class Engine:
 
         quiet_libraries()
         model, adapters, base_path = None, {}, None
-        for name, path in runs.items():
-            p = Path(path)
+        for name, (p, adapter_dir) in resolved.items():
             info = rundir.read_info(p)
-            adapter_dir = rundir.require_adapter(p)
             recipe = load_run_recipe(p, grants)
             if base_path is None:
                 base_path = info["base_model_path"]
@@ -315,8 +315,8 @@ def _streamer_class():
 def load(path: str | Path, grants=None) -> Engine:
     """A run directory (4-bit base + its adapter, as trained) or a merged model directory."""
     p = Path(path)
-    if rundir.is_run_dir(p):
-        return Engine.from_runs({p.name: p}, grants)
+    if rundir.is_run_path(p):
+        return Engine.from_runs({rundir.default_name(p): p}, grants)
     if (p / "config.json").is_file():
         return Engine.from_merged(p, grants)
     raise UserError(f"{p} is neither a qlora-kit run directory nor a model directory",

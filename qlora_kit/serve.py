@@ -739,9 +739,10 @@ def parse_runs(runs: list[str]) -> dict[str, Path]:
     out: dict[str, Path] = {}
     for p in plain:
         p = Path(p)
-        if p.name in out:
-            raise UserError(f"two runs are both named '{p.name}'", f"name them: NAME={p}")
-        out[p.name] = p
+        name = rundir.default_name(p)  # a checkpoint: RUN-checkpoint-N
+        if name in out:
+            raise UserError(f"two runs are both named '{name}'", f"name them: NAME={p}")
+        out[name] = p
     for name, path in parse_adapters(None, named).items() if named else []:
         if name in out:
             raise UserError(f"the model id '{name}' is used twice", "give each run its own NAME=RUN_DIR")
@@ -803,9 +804,8 @@ def _template(tok_dir: Path) -> str | None:
 def run_infos(runs: dict[str, Path]) -> list[RunInfo]:
     out = []
     for name, p in runs.items():
-        p = Path(p)
+        p, adir = rundir.resolve(p)  # RUN, or RUN/checkpoints/checkpoint-N with its adapter
         info = rundir.read_info(p)
-        adir = rundir.require_adapter(p)
         cfg = json.loads((adir / "adapter_config.json").read_text(encoding="utf-8"))
         out.append(RunInfo(name, p, adir, info["base_model"], info["base_model_path"], int(cfg.get("r") or 8),
                            list(cfg.get("modules_to_save") or []), _template(p / rundir.TOKENIZER)))

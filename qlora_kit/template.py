@@ -10,10 +10,16 @@ For each assistant turn i:
     upto   = render(messages[:i+1])
     answer = upto[len(prefix):]        # includes the template's end-of-turn token (EOS)
 and every token whose first character falls inside an answer carries loss.
+
+Tool calls: an assistant turn that calls a tool is an answer like any other (its call carries
+loss); a tool result (`tool` turn) is part of the next prefix, so it never does. The row's tool
+schemas are passed as `tools=` to the model's own template, which decides how to show them; a
+template that cannot render tools, calls and results is refused (`check_tool_support`).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,8 +50,53 @@ class Encoded:
     answer_cut: bool  # truncation removed answer tokens (possibly the EOS)
 
 
-def render(tokenizer, messages, add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+def render(tokenizer, messages, add_generation_prompt: bool = False, tools=None) -> str:
+    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def split_tools(messages) -> tuple[list[dict] | None, list[dict]]:
+    """(the row's tool schemas, the messages without them): data.py keeps them on a message."""
+    tools = next((m["tools"] for m in messages if m.get("tools")), None)
+    if tools is None:
+        return None, messages
+    return tools, [{k: v for k, v in m.items() if k != "tools"} for m in messages]
+
+
+# A probe conversation: a template supports tools when the schema, the call and the result all
+# appear in what it renders (templates without tool support drop one of them silently).
+_PROBE_TOOLS = [{"type": "function", "function": {
+    "name": "qk_probe_lookup", "description": "qk-probe-description",
+    "parameters": {"type": "object", "properties": {"key": {"type": "string"}}, "required": ["key"]}}}]
+_PROBE = [{"role": "user", "content": "hello"},
+          {"role": "assistant", "content": "", "tool_calls": [
+              {"type": "function", "id": "call_qk_probe", "function": {"name": "qk_probe_lookup", "arguments": {"key": "qk-probe-argument"}}}]},
+          {"role": "tool", "content": "qk-probe-result", "name": "qk_probe_lookup", "tool_call_id": "call_qk_probe"},
+          {"role": "assistant", "content": "done"}]
+
+
+def tool_support(tokenizer) -> str | None:
+    """None when the chat template renders tool schemas, tool calls and tool results; else what is missing."""
+    try:
+        text = render(tokenizer, _PROBE, tools=_PROBE_TOOLS)
+    except Exception as e:  # a template that raises on tool turns (jinja2 TemplateError and friends)
+        return f"it fails on a tool call ({type(e).__name__}: {str(e)[:120]})"
+    missing = [what for what, needle in (("the tool schemas", "qk-probe-description"), ("the tool calls", "qk-probe-argument"),
+                                         ("the tool results", "qk-probe-result")) if needle not in text]
+    return f"it drops {' and '.join(missing)}" if missing else None
+
+
+def check_tool_support(tokenizer, where: str, n_rows: int) -> None:
+    why = tool_support(tokenizer)
+    if why is None:
+        return
+    whose = ("qlora-kit's plain fallback template (this model has no chat template of its own)"
+             if tokenizer.chat_template == DEFAULT_CHAT_TEMPLATE else
+             f"the chat template of {getattr(tokenizer, 'name_or_path', 'this model') or 'this model'}")
+    raise UserError(
+        f"{where}: this conversation calls tools ({n_rows} such row(s)), but {whose} has no tool support: {why}",
+        "train tool calls on a model whose chat template supports tools (Qwen2.5/Qwen3, Llama 3.1+, Mistral "
+        "instruct models, ...), or set `chat_template:` in the recipe to one that renders `tools`, `tool_calls` "
+        "and `tool` turns; or remove the tool-calling rows")
 
 
 class Renderer:
@@ -63,26 +114,28 @@ class Renderer:
             self.kwargs = dict(tokenizer.special_tokens_map)
         except Exception:  # a private helper: if it moves, the public path still works
             self.compiled = None
-        self.checked = False
+        self.checked: set[bool] = set()  # kinds checked against apply_chat_template: with tools or not
 
-    def _fast(self, messages, add_generation_prompt):
-        return self.compiled.render(messages=messages, tools=None, documents=None,
+    def _fast(self, messages, add_generation_prompt, tools=None):
+        return self.compiled.render(messages=messages, tools=tools, documents=None,
                                     add_generation_prompt=add_generation_prompt, **self.kwargs)
 
-    def __call__(self, messages, add_generation_prompt: bool = False) -> str:
+    def __call__(self, messages, add_generation_prompt: bool = False, tools=None) -> str:
         if self.compiled is None:
-            return render(self.tokenizer, messages, add_generation_prompt)
-        if not self.checked:
-            self.checked = True
+            return render(self.tokenizer, messages, add_generation_prompt, tools)
+        if (tools is not None) not in self.checked:  # checked once without tools, once with
+            self.checked.add(tools is not None)
             for gen in (False, True):
-                if self._fast(messages, gen) != render(self.tokenizer, messages, gen):
+                if self._fast(messages, gen, tools) != render(self.tokenizer, messages, gen, tools):
                     self.compiled = None
-                    return render(self.tokenizer, messages, add_generation_prompt)
-        return self._fast(messages, add_generation_prompt)
+                    return render(self.tokenizer, messages, add_generation_prompt, tools)
+        return self._fast(messages, add_generation_prompt, tools)
 
 
 def answer_spans(tokenizer, messages, renderer: Renderer | None = None) -> tuple[str, list[tuple[int, int]]]:
-    r = renderer or (lambda m, g=False: render(tokenizer, m, g))
+    tools, messages = split_tools(messages)
+    render_with = renderer or functools.partial(render, tokenizer)
+    r = lambda m, g=False: render_with(m, g, tools)  # noqa: E731 (every render sees the row's tools)
     full = r(messages)
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
     spans = []
@@ -122,11 +175,33 @@ def _check_stops(ids: np.ndarray, offsets: np.ndarray, spans, stop: np.ndarray) 
             )
 
 
-def encode_batch(tokenizer, conversations, max_length: int, stop_ids: set[int]) -> list[Encoded]:
-    """Render every conversation, tokenize all texts in one call (the Rust tokenizer batches and
-    parallelises), then label each token by the answer span its first character falls in."""
+def _render_all(tokenizer, conversations, wheres: list[str] | None):
     renderer = Renderer(tokenizer)
-    rendered = [answer_spans(tokenizer, c, renderer) for c in conversations]
+    where = (lambda i: wheres[i]) if wheres else (lambda i: f"conversation {i + 1}")
+    from .data import has_tools
+
+    tool_rows = [i for i, c in enumerate(conversations) if has_tools(c)]
+    if tool_rows:
+        check_tool_support(tokenizer, where(tool_rows[0]), len(tool_rows))
+    from jinja2 import TemplateError
+
+    out = []
+    for i, c in enumerate(conversations):
+        try:
+            out.append(answer_spans(tokenizer, c, renderer))
+        except TemplateError as e:  # the template's own raise_exception, e.g. "roles must alternate"
+            raise UserError(f"{where(i)}: the chat template refuses this conversation: {e}",
+                            "fix the row's turn order, or set `chat_template:` in the recipe") from None
+        except UserError as e:
+            raise UserError(f"{where(i)}: {e.message}", e.hint) from None
+    return out
+
+
+def encode_batch(tokenizer, conversations, max_length: int, stop_ids: set[int], wheres: list[str] | None = None) -> list[Encoded]:
+    """Render every conversation, tokenize all texts in one call (the Rust tokenizer batches and
+    parallelises), then label each token by the answer span its first character falls in.
+    `wheres` ("file:line" per conversation) name the row in errors."""
+    rendered = _render_all(tokenizer, conversations, wheres)
     if not rendered:
         return []
     texts = [t for t, _ in rendered]
