@@ -203,17 +203,37 @@ def plan_cmd(
 
 @app.command("merge")
 def merge_cmd(
-    run_dir: Path = typer.Argument(..., help="a run directory from `qlora-kit train`"),
-    out_dir: Optional[Path] = typer.Option(None, "--out", help="output folder (default: RUN_DIR/merged)"),
+    run_dir: Optional[Path] = typer.Argument(None, help="a run directory from `qlora-kit train` (or use --adapter)"),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="output folder (default: RUN_DIR/merged); with "
+                                           "--adapter the combination's own run directory (merged model in DIR/merged)"),
     dtype: str = typer.Option("bf16", "--dtype", help="bf16 | fp16 | fp32"),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="safetensors shard size"),
+    adapter: list[str] = typer.Option([], "--adapter", metavar="RUN_DIR=WEIGHT", help="combine several runs on one "
+                                      "base (repeatable): --adapter runs/legal-1=0.7 --adapter runs/contracts-2=0.3"),
+    method: str = typer.Option("linear", "--method", help="with --adapter: linear | cat | ties | dare_ties (PEFT's "
+                               "add_weighted_adapter; linear, ties and dare_ties need equal LoRA ranks)"),
+    density: Optional[float] = typer.Option(None, "--density", help="ties/dare_ties: fraction of each adapter's "
+                                            "entries kept (default 0.5)"),
+    adapter_only: bool = typer.Option(False, "--adapter-only", help="with --adapter: write only the combined "
+                                      "adapter as a run directory (for chat/serve), no merged model"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help=PICKLE_HELP),
 ) -> None:
     """Dequantize the 4-bit base, merge the adapter, verify, save a standalone model."""
     from . import merge
 
-    report = merge.run(run_dir, out_dir, dtype, max_shard_size, grants=_grants(trust_remote_code, allow_pickle))
+    grants = _grants(trust_remote_code, allow_pickle)
+    if adapter:
+        if run_dir is not None:
+            raise UserError(f"pass either RUN_DIR ({run_dir}) or --adapter RUN_DIR=WEIGHT, not both",
+                            f"to combine it with others: --adapter {run_dir}=WEIGHT")
+        report = merge.combine(adapter, out_dir, method, density, dtype, max_shard_size, adapter_only, grants)
+    elif run_dir is None:
+        raise UserError("nothing to merge", "qlora-kit merge RUN_DIR, or --adapter RUN_DIR=WEIGHT (repeatable)")
+    elif adapter_only or density is not None or method != "linear":
+        raise UserError("--method, --density and --adapter-only combine several runs", "pass them with --adapter RUN_DIR=WEIGHT")
+    else:
+        report = merge.run(run_dir, out_dir, dtype, max_shard_size, grants=grants)
     print(report["out"])
 
 

@@ -66,6 +66,7 @@ class Source:
     merged_dir: Path | None = None  # set when the model is already merged
     info: dict = field(default_factory=dict)
     trust_remote_code: bool = False  # this command's --trust-remote-code, for loading the tokenizer
+    system_prompt: str | None = None  # the run's, baked into the GGUF's chat template as its default
 
 
 def _read_json(p: Path) -> dict:
@@ -85,10 +86,12 @@ def _source(path: Path) -> Source:
         spm = path / "tokenizer.model"
         if not spm.is_file() and info.get("base_model_path"):
             spm = Path(info["base_model_path"]) / "tokenizer.model"
+        # merge records the prompt (and bakes it into the folder's template); older folders: the run's recipe
+        system = meta["system_prompt"] if "system_prompt" in meta else _run_system_prompt(run) if info else None
         return Source(path=path, name=run.name if info else path.name, config=_read_json(path / "config.json"),
                       tokenizer_dir=path, stop_token_ids=list(stops), base_model=meta.get("base_model"),
                       spm_model=spm if spm.is_file() else None, merged_dir=path, info=info,
-                      run_dir=run if info else None)
+                      run_dir=run if info else None, system_prompt=system)
     run, _ = rundir.resolve(path)  # a UserError for anything that is not a run directory or a complete checkpoint
     info = rundir.read_info(run)
     base = Path(info["base_model_path"])
@@ -99,7 +102,14 @@ def _source(path: Path) -> Source:
     # run_dir: what merge reads (RUN or its checkpoint); the name says which checkpoint it was
     return Source(path=path, name=rundir.default_name(path), config=_read_json(base / "config.json"),
                   tokenizer_dir=run / rundir.TOKENIZER, stop_token_ids=list(info.get("tokenizer", {}).get("stop_token_ids") or []),
-                  base_model=info.get("base_model"), spm_model=spm if spm.is_file() else None, run_dir=path, info=info)
+                  base_model=info.get("base_model"), spm_model=spm if spm.is_file() else None, run_dir=path, info=info,
+                  system_prompt=_run_system_prompt(run))
+
+
+def _run_system_prompt(run: Path) -> str | None:
+    from .recipe import load_saved
+
+    return load_saved(run / "recipe.yaml").data.system_prompt
 
 
 def _generation_eos(model_dir: Path) -> list[int]:
@@ -463,6 +473,7 @@ def _eos_id(tok, stops: list[int]) -> int | None:
 
 def _add_vocab(w, src: Source, arch: str, n_vocab: int, warnings: list) -> dict:
     from .model import load_saved_tokenizer
+    from .template import with_default_system
 
     tok = load_saved_tokenizer(src.tokenizer_dir, src.trust_remote_code)
     if len(tok) > n_vocab:
@@ -490,6 +501,9 @@ def _add_vocab(w, src: Source, arch: str, n_vocab: int, warnings: list) -> dict:
         summary.update(pre="default", scores_from=str(src.spm_model))
     summary["tokens"] = len(tokens)
     ids = {"bos": tok.bos_token_id, "eos": _eos_id(tok, src.stop_token_ids), "unk": tok.unk_token_id, "pad": tok.pad_token_id}
+    # the template's end-of-turn, when it is another stop token than EOS (<|im_end|> beside <|endoftext|>):
+    # llama.cpp ends generation at eos and eot alike
+    ids["eot"] = next((i for i in src.stop_token_ids if i != ids["eos"]), None)
     for name, i in ids.items():
         if i is not None:
             getattr(w, f"add_{name}_token_id")(int(i))
@@ -499,7 +513,9 @@ def _add_vocab(w, src: Source, arch: str, n_vocab: int, warnings: list) -> dict:
     add_eos = bool(probe) and tok.eos_token_id is not None and probe[-1] == tok.eos_token_id
     w.add_add_bos_token(add_bos)
     w.add_add_eos_token(add_eos)
-    template = tok.chat_template
+    # a GGUF moved anywhere prompts as in training: the run's system prompt is the template's default
+    # (llama.cpp renders it with --jinja; its built-in template guesses ignore any default)
+    template = with_default_system(tok.chat_template, src.system_prompt)
     if isinstance(template, dict):
         template = [{"name": k, "template": v} for k, v in template.items()]
     if template:
@@ -507,7 +523,7 @@ def _add_vocab(w, src: Source, arch: str, n_vocab: int, warnings: list) -> dict:
     else:
         warnings.append("the tokenizer has no chat template; llama.cpp will guess one")
     summary.update({f"{k}_id": v for k, v in ids.items()}, add_bos=add_bos, add_eos=add_eos,
-                   chat_template=bool(template), stop_token_ids=src.stop_token_ids)
+                   chat_template=bool(template), stop_token_ids=src.stop_token_ids, system_prompt=src.system_prompt)
     return summary
 
 

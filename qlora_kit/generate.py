@@ -162,8 +162,11 @@ class Engine:
         system = None
         meta = p / "qlora_kit_merge.json"
         if meta.is_file():
-            src = Path(json.loads(meta.read_text(encoding="utf-8"))["run_dir"])
-            if rundir.is_run_dir(src):
+            merge_info = json.loads(meta.read_text(encoding="utf-8"))
+            src = Path(merge_info["run_dir"])
+            if "system_prompt" in merge_info:  # recorded by merge: the folder needs no run directory
+                system = merge_info["system_prompt"]
+            elif rundir.is_run_dir(src):
                 system = load_saved(src / "recipe.yaml").data.system_prompt
         name = p.name
         engine = cls(model, {name: Adapter(name, None, tok, stop, system)}, "merged")
@@ -197,9 +200,14 @@ class Engine:
     def current(self) -> Adapter:
         return self.template_for(self.active)
 
+    def system_prompt_for(self, name: str | None) -> str | None:
+        """The system prompt a model answers with: its run's; the base model (None) has none of its own,
+        so it answers as the untuned model does, not with a prompt some adapter was trained under."""
+        return None if (name is None and self.kind == "adapter") else self.template_for(name).system_prompt
+
     def messages(self, question: str, history: list[dict] | None = None, adapter=CURRENT) -> list[dict]:
         msgs = list(history or [])
-        sp = self.template_for(self.active if adapter is CURRENT else adapter).system_prompt
+        sp = self.system_prompt_for(self.active if adapter is CURRENT else adapter)
         if sp and not any(m["role"] == "system" for m in msgs):
             msgs.insert(0, {"role": "system", "content": sp})
         return msgs + [{"role": "user", "content": question}]
@@ -258,7 +266,7 @@ class Engine:
             if sink is not None:
                 # runs in this thread, inside generate(): nothing can be left blocked on a queue
                 # JSON has no spaces to break words at: stream it token by token instead
-                kwargs["streamer"] = _streamer_class()(a.tokenizer, sink, eager=constraint is not None)
+                kwargs["streamer"] = _streamer_class()(a.tokenizer, sink, eager=True)  # a client sees each token, not each word
             base_off = self.model.disable_adapter() if (name is None and self.kind == "adapter") else contextlib.nullcontext()
             with base_off, torch.no_grad():
                 if seed is not None and kwargs["do_sample"]:

@@ -325,7 +325,7 @@ class Service:
         if self.engine.kind == "adapter":
             out[BASE] = {"id": BASE, "object": "model", "created": first["created"], "owned_by": "qlora-kit",
                          "kind": "base", "run_dir": None, "base_model": first["base_model"],
-                         "system_prompt": first["system_prompt"]}
+                         "system_prompt": self.engine.system_prompt_for(None)}
         return out
 
     @property
@@ -388,9 +388,9 @@ class Service:
             raise _bad("'stream_options.include_usage' must be a boolean", "stream_options.include_usage", "invalid_type")
         constraint = self._response_format(body.get("response_format"), adapter)
 
-        a = self.engine.template_for(adapter)
-        if a.system_prompt and not any(m["role"] == "system" for m in msgs):
-            msgs.insert(0, {"role": "system", "content": a.system_prompt})
+        system = self.engine.system_prompt_for(adapter)  # none for the base model
+        if system and not any(m["role"] == "system" for m in msgs):
+            msgs.insert(0, {"role": "system", "content": system})
         self._check_chars(adapter, msgs, max_tokens, key)
         return ChatRequest(model, adapter, msgs, max_tokens, temperature, top_p, seed, stop, bool(stream),
                            bool(opts.get("include_usage")), max_tokens_param=key, constraint=constraint)

@@ -224,3 +224,36 @@ def encode_batch(tokenizer, conversations, max_length: int, stop_ids: set[int], 
 
 def encode(tokenizer, messages, max_length: int, stop_ids: set[int]) -> Encoded:
     return encode_batch(tokenizer, [messages], max_length, stop_ids)[0]
+
+
+# --- a default system prompt baked into the template (merged models that stand alone) -------------
+
+DEFAULT_SYSTEM_MARK = "qlora-kit: default system prompt"
+
+
+def with_default_system(template, system_prompt: str | None):
+    """The chat template, rendering `system_prompt` as the system message when the messages have
+    none: a merged model or GGUF moved away from its run then prompts exactly as in training with
+    plain `apply_chat_template` (transformers, llama.cpp --jinja). `template` may be a str or a
+    {name: template} dict; a template already baked (or no prompt) is returned as it is.
+
+    Only what Hugging Face's templates and llama.cpp's Jinja engine both know is used: a namespace
+    flag, a top-level `set messages` (as Llama 3's template does) and a JSON string literal."""
+    if not system_prompt or not template:
+        return template
+    if isinstance(template, dict):
+        return {k: with_default_system(v, system_prompt) for k, v in template.items()}
+    if DEFAULT_SYSTEM_MARK in template:
+        return template
+    import json
+
+    literal = json.dumps(system_prompt, ensure_ascii=False)  # a valid Jinja string literal, escapes and all
+    prefix = (
+        f"{{#- {DEFAULT_SYSTEM_MARK} (the run's data.system_prompt, used when the messages have none) -#}}"
+        "{%- set qk_ns = namespace(has_system=false) -%}"
+        "{%- for qk_m in messages -%}{%- if qk_m['role'] == 'system' -%}{%- set qk_ns.has_system = true -%}"
+        "{%- endif -%}{%- endfor -%}"
+        f"{{%- if not qk_ns.has_system -%}}{{%- set messages = [{{'role': 'system', 'content': {literal}}}] + messages -%}}"
+        "{%- endif %}"
+    )
+    return prefix + template

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from qlora_kit import export, merge, train
 from qlora_kit.errors import UserError
+from qlora_kit.template import with_default_system
 
 # written here, independently of gguf's TensorNameMap, so a wrong mapping cannot check itself
 BLOCK = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
@@ -135,7 +136,8 @@ def test_llama_f32_equals_merged_weights_and_metadata(tiny_run, llama_merged, ll
     assert len(meta["tokenizer.ggml.merges"]) == len(merges) > 0
     types = meta["tokenizer.ggml.token_type"]
     assert [types[i] for i in tok.all_special_ids] == [CONTROL] * len(tok.all_special_ids)
-    assert meta["tokenizer.chat_template"] == tok.chat_template  # the template the run trained with
+    # the template the run trained with, its system prompt the default (a GGUF stands alone)
+    assert meta["tokenizer.chat_template"] == with_default_system(tok.chat_template, "你是律师。") != tok.chat_template
     assert info["tokenizer"]["template_source"] == "default"  # ... which qlora-kit added for this base
     assert meta["tokenizer.ggml.eos_token_id"] == info["tokenizer"]["stop_token_ids"][0]
     assert meta["tokenizer.ggml.bos_token_id"] == tok.bos_token_id and meta["tokenizer.ggml.padding_token_id"] == tok.pad_token_id
@@ -258,8 +260,12 @@ def test_qwen2_biases_tied_output_and_pre_tokenizer(qwen_run):
     info = json.loads((qwen_run / "run.json").read_text())
     assert meta["tokenizer.ggml.pre"] == "qwen2" and meta["tokenizer.ggml.model"] == "gpt2"
     assert len(meta["tokenizer.ggml.tokens"]) == cfg["vocab_size"]
-    assert meta["tokenizer.chat_template"] == tok.chat_template and "<|im_start|>" in tok.chat_template
-    assert meta["tokenizer.ggml.eos_token_id"] == info["tokenizer"]["stop_token_ids"][0] == tok.convert_tokens_to_ids("<|im_end|>")
+    assert meta["tokenizer.chat_template"] == with_default_system(tok.chat_template, "你是律师。")
+    assert "<|im_start|>" in tok.chat_template
+    eos = meta["tokenizer.ggml.eos_token_id"]
+    assert eos == info["tokenizer"]["stop_token_ids"][0] == tok.convert_tokens_to_ids("<|im_end|>")
+    # every stop token of the run ends generation in llama.cpp too (eos and the end-of-turn)
+    assert {eos, meta.get("tokenizer.ggml.eot_token_id", eos)} == set(info["tokenizer"]["stop_token_ids"])
     assert meta["tokenizer.ggml.token_type"][tok.convert_tokens_to_ids("<|im_start|>")] == CONTROL
 
 
