@@ -144,6 +144,7 @@ def test_each_adapter_answers_like_the_engine_and_they_differ(server, expected):
 
 def test_stream_concatenates_to_the_plain_answer(server, expected):
     c = server.client()
+    streamed_models = []
     for m in ("legal", "injury"):
         text, chunks = streamed(c, m, stream_options={"include_usage": True})
         assert text == expected[m][PROMPTS[0]]
@@ -152,7 +153,12 @@ def test_stream_concatenates_to_the_plain_answer(server, expected):
         finals = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
         assert finals in (["length"], ["stop"])
         assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens >= 1  # include_usage
-        assert sum(1 for ch in chunks if ch.choices and ch.choices[0].delta.content) >= 2  # really streamed
+        # really streamed: each token's text as it comes (a random model may emit only partial UTF-8
+        # byte tokens, which are held back until a character is whole, so count printable answers only)
+        if len(text.replace("\ufffd", "")) >= 2:
+            streamed_models.append(m)
+            assert sum(1 for ch in chunks if ch.choices and ch.choices[0].delta.content) >= 2, (m, text)
+    assert streamed_models, "no adapter produced printable text to stream"
     text, chunks = streamed(c, "base")
     assert text == expected["base"][PROMPTS[0]] and all(ch.usage is None for ch in chunks)
 
