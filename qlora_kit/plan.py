@@ -171,18 +171,30 @@ def optimizer_bytes(numels: list[int], optim: str) -> int:
     return sum(8 * n for n in numels) + (4 * len(numels) if optim == "adamw_torch" else 0)
 
 
+def lora_bytes(act_bytes: int, device: str) -> tuple[float, float, float]:
+    """Bytes a LoRA layer saves per token: (per input feature, per rank, per input feature that the
+    first layer does not save). fp32: the dropped-out input and the dropout mask (a float tensor on
+    CPU, bool on CUDA). Mixed precision (bf16/fp16 autocast): PEFT casts the input to the fp32 LoRA
+    weights, the dropout keeps its fp32 output and mask, autocast saves a half-precision copy for
+    LoRA A; A's output is kept in both precisions. Measured with saved_tensors_hooks on CPU."""
+    if act_bytes >= 4:
+        mask = 4 if device == "cpu" else 1
+        return 4 + mask, 4, mask
+    return 6.25, 8.5, 4.125
+
+
 def layer_activation_bytes(shape: Shape, tokens: float, *, r: int, target, act_bytes: int, device: str) -> float:
     """Bytes one decoder layer saves for backward without checkpointing (4-bit base, LoRA with dropout).
     Measured per tensor with torch.autograd.graph.saved_tensors_hooks on CPU (tests/test_plan.py):
-    two RMSNorms (fp32 input and its rsqrt), for each adapted layer the dropped-out input, the dropout
-    mask (a float tensor on CPU, bool on CUDA) and LoRA A's output, attention q, k, v, its output
-    (q-sized) and one fp32 log-sum-exp per head, and the MLP's gate, up and activated gate."""
+    two RMSNorms (each its fp32 input and rsqrt, whatever the compute dtype), each adapted layer
+    (lora_bytes), attention q, k, v and its output (q-sized) and one fp32 log-sum-exp per head, and
+    the MLP's gate, up and activated gate."""
     h, i = shape.hidden, shape.intermediate
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     lin = shape.linears()
-    mask = act_bytes if device == "cpu" else 1
-    lora = sum(lin[t][0] * (act_bytes + mask) + r * act_bytes for t in shape.adapted(target))
-    per_token = 2 * (h * act_bytes + 4) + lora + (2 * q + 2 * kv) * act_bytes + 4 * shape.heads + 3 * i * act_bytes
+    per_in, per_r, _ = lora_bytes(act_bytes, device)
+    lora = sum(lin[t][0] * per_in + r * per_r for t in shape.adapted(target))
+    per_token = 2 * (h * 4 + 4) + lora + (2 * q + 2 * kv) * act_bytes + 4 * shape.heads + 3 * i * act_bytes
     return tokens * per_token
 
 
@@ -231,9 +243,8 @@ def estimate(shape: Shape, *, r: int, target: str | list, max_length: int, micro
     if every_n == 0:
         # without checkpointing the first layer's input (frozen embeddings) needs no gradient: its
         # first norm saves nothing, nor do the dropouts of the projections reading that norm
-        mask = act_bytes if device == "cpu" else 1
         qkv = sum(1 for t in shape.adapted(target) if t in ("q_proj", "k_proj", "v_proj"))
-        saved -= tokens * (h * act_bytes + 4 + qkv * h * mask)
+        saved -= tokens * (h * 4 + 4 + qkv * h * lora_bytes(act_bytes, device)[2])
     dequant = max(a * b for a, b in lin.values()) * act_bytes
     if loss_head == "model":  # logits in the compute dtype, their fp32 log-softmax and its gradient
         loss = tokens * (V * (act_bytes + 8) + h * act_bytes)

@@ -85,7 +85,7 @@ def sft_config(recipe: Recipe, run_dir: Path, has_eval: bool, fast=None):
         # Otherwise micro-batches of similar lengths, right-padded to a multiple of 8 (attention.py)
         padding_free=layout.padding_free,
         pad_to_multiple_of=layout.pad_to_multiple_of,
-        train_sampling_strategy="group_by_length" if layout.group_by_length else "random",
+        **_length_grouping(SFTConfig, layout.group_by_length),
         packing=t.packing,
         packing_strategy="bfd",
         activation_offloading=t.activation_offloading,
@@ -94,6 +94,13 @@ def sft_config(recipe: Recipe, run_dir: Path, has_eval: bool, fast=None):
         completion_only_loss=None,  # labels are built here, answer-only; TRL keeps a given labels column
         assistant_only_loss=False,
     )
+
+
+def _length_grouping(config_cls, on: bool) -> dict:
+    """transformers >= 5.x: train_sampling_strategy; before it, group_by_length."""
+    if "train_sampling_strategy" in config_cls.__dataclass_fields__:
+        return {"train_sampling_strategy": "group_by_length" if on else "random"}
+    return {"group_by_length": on}
 
 
 def _warmup_from_first_step(step: int, warmup: int, after) -> float:
@@ -430,6 +437,10 @@ def run(recipe: Recipe, run_dir_arg: str | None = None, callbacks: list | None =
         rundir.write_json(run_dir / "data_check.json", rep)  # built from redacted text when scrub_pii is on
     console.print(f"run directory: {run_dir}")
 
+    # the samples as Arrow tables from here on: the Python lists they came from cost tens of bytes
+    # a token (15 MB for 1,000 short rows), memory the training step would otherwise add to
+    train_rows, eval_rows = _dataset(train_rows), _dataset(eval_rows)
+    prep.encoded = None
     attempt_recipe = recipe
     steps = _steps_done()
     try:
@@ -528,6 +539,13 @@ def run(recipe: Recipe, run_dir_arg: str | None = None, callbacks: list | None =
     return run_dir
 
 
+def _dataset(rows):
+    """A datasets.Dataset of encoded rows (list of dicts), or the one given."""
+    import datasets
+
+    return rows if isinstance(rows, datasets.Dataset) else datasets.Dataset.from_list(rows)
+
+
 def _steps_done():
     """A TrainerCallback whose `done` is the last optimizer step this process finished (0: none yet)."""
     from transformers import TrainerCallback
@@ -557,7 +575,6 @@ def _leave_nothing(run_dir: Path, was_there: bool) -> None:
 def _fit(recipe: Recipe, model_dir: str, tokenizer, train_rows, eval_rows, run_dir: Path, resume_from,
          info: dict, callbacks, fast):
     """Load the 4-bit base, attach LoRA (or continue an adapter), train. Returns (trainer, metrics, stops)."""
-    import datasets
     from transformers import PrinterCallback, set_seed
 
     from . import resilience
@@ -605,8 +622,8 @@ def _fit(recipe: Recipe, model_dir: str, tokenizer, train_rows, eval_rows, run_d
     trainer = trainer_class()(
         model=model,
         args=args,
-        train_dataset=datasets.Dataset.from_list(train_rows),
-        eval_dataset=datasets.Dataset.from_list(eval_rows) if eval_rows else None,
+        train_dataset=_dataset(train_rows),
+        eval_dataset=_dataset(eval_rows) if eval_rows else None,
         processing_class=tokenizer,
         callbacks=[RichProgress(console), ProgressLog(run_dir / rundir.LOGS / "progress.jsonl"), tensorboard, *early_stopping(recipe, bool(eval_rows)),
                    stops["finite"], stops["disk"], stops["interrupt"], resilience.CompleteMarker(), *(callbacks or [])],
