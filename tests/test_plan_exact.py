@@ -84,13 +84,9 @@ def test_static_components_are_exact(compared):
 
 COMPONENTS = ["optimizer state", "activations kept for backward", "logits + loss (loss-head working set)",
               "layer recompute + dequantized weight (layer backward working set)"]
-LOGGING_STEP_METRICS = pytest.mark.xfail(strict=True, reason=(
-    "first step is a logging step: fastpath's entropy/accuracy keep ~4 fp32 copies of the answer tokens' "
-    "logits beside the loss's logits and log-softmax; plan's 'model' head counts neither (about -30 % here)"))
 
 
-@pytest.mark.parametrize("component", [pytest.param(c, marks=LOGGING_STEP_METRICS) if c.startswith("logits") else c
-                                       for c in COMPONENTS])
+@pytest.mark.parametrize("component", COMPONENTS)
 def test_plan_within_5_percent_of_exact(compared, component):
     """Each estimated component of `qlora-kit plan` within 5 % of the exact bytes of the step it predicts."""
     rows = {r["component"]: r for r in compared["rows"]}
