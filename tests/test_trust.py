@@ -61,7 +61,10 @@ def pickle_only_base(tiny_dir: Path, where: Path, marker: Path) -> Path:
 def sent_run(run: Path, where: Path, base: Path) -> Path:
     """A copy of a real finished run whose files claim every privilege and name `base`."""
     d = where / "sent-run"
-    shutil.copytree(run, d, ignore=shutil.ignore_patterns("checkpoints", "merged", "export"))
+    # without the outputs of earlier commands on the shared fixture run (eval.json, reports), so the
+    # tests can see that a refused command wrote nothing
+    shutil.copytree(run, d, ignore=shutil.ignore_patterns("checkpoints", "merged", "export", "eval.json", "report*",
+                                                          "review*", "plots", "grades.json"))
     recipe = yaml.safe_load((d / "recipe.yaml").read_text())
     recipe.update(trust_remote_code=True, allow_pickle=True)
     (d / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True))

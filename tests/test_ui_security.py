@@ -305,7 +305,7 @@ def test_form_paths_stay_in_the_runs_folder_and_data_dirs(tmp_path, cache):
         root = Path(ui.http.get("/api/session").json()["runs_dir"])
         (root / "uploads").mkdir()
         os.symlink("/etc/passwd", root / "uploads" / "passwd.jsonl")  # a link out of an allowed folder
-        base = {"recipe": "legal", "base_model": "builtin:tiny", "max_length": "128"}
+        base = {"recipe": "legal", "base_model": "builtin:tiny", "max_length": "256"}
         for data in ("/etc/passwd", str(root / "uploads" / "passwd.jsonl"), str(tmp_path / "elsewhere.jsonl"),
                      str(data_dir / "notes.cfg"), str(data_dir / ".." / "elsewhere.jsonl")):
             for path in ("/api/check", "/api/start"):
