@@ -33,15 +33,18 @@ def parse_adapters(run_dir: Path | None, specs: list[str]) -> dict[str, Path]:
     return runs
 
 
-def one_shot(engine, prompt: str, max_new_tokens: int, out=sys.stdout, constraint=None):
-    """Stream one answer to `out`; the generate.Result. `constraint`: JSON only (structured.Constraint)."""
+def one_shot(engine, prompt: str, max_new_tokens: int, out=None, constraint=None):
+    """Stream one answer to `out` (default: sys.stdout as it is now, not at import, so a redirect
+    is honoured); the generate.Result. `constraint`: JSON only (structured.Constraint)."""
+    out = out or sys.stdout
     res = engine.generate(engine.messages(prompt), max_new_tokens, on_text=lambda t: (out.write(t), out.flush()),
                           constraint=constraint)
     out.write("\n")
     return res
 
 
-def repl(engine, max_new_tokens: int, console, read=input, out=sys.stdout, constraint=None) -> None:
+def repl(engine, max_new_tokens: int, console, read=input, out=None, constraint=None) -> None:
+    out = out or sys.stdout
     history: list[dict] = []
     console.print(f"chatting with [bold]{engine.active}[/] ({HELP})")
     while True:
