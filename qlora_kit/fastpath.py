@@ -72,11 +72,19 @@ def reinstall_chunked_head(model) -> None:
 
 
 class FastStepMixin:
-    """Put before SFTTrainer in a subclass. `qk_loss_head` is set after construction."""
+    """Put before SFTTrainer in a subclass. `qk_loss_head` and `qk_keep_dequantized` are set after
+    construction."""
 
     qk_loss_head = "model"
+    qk_keep_dequantized = False
     _qk_tokens = 0
     _qk_pending: list | None = None
+
+    def training_step(self, *args, **kwargs):
+        if not self.qk_keep_dequantized:
+            return super().training_step(*args, **kwargs)
+        with keep_dequantized_weights():
+            return super().training_step(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if return_outputs or not model.training:  # evaluation, predictions: TRL's own path
@@ -168,6 +176,77 @@ class FastStepMixin:
         return super().log(logs, *args, **kwargs)
 
 
+# --- dequantized 4-bit weights kept for backward ------------------------------------------------------
+
+_KEEP = None
+
+
+def keep_dequantized_weights():
+    """A context in which bitsandbytes' 4-bit matmul keeps the weight it dequantized in the forward
+    for the backward, instead of dequantizing it again there (bitsandbytes' MatMul4Bit does the
+    latter, to hold no full-precision weight). The same values either way (the same dequantization);
+    memory: every frozen 4-bit weight of the step in the compute dtype, which the memory plan
+    grants only when it fits beside everything else (plan.make, keep_dequantized). Anything the
+    swap does not cover (an `out` tensor, empty inputs, no gradient) goes to bitsandbytes' own."""
+    import contextlib
+
+    global _KEEP
+    try:
+        import bitsandbytes.autograd._functions as bnb_fn
+        import bitsandbytes.functional as bnb_f
+    except ImportError:
+        return contextlib.nullcontext()
+    if not hasattr(bnb_fn, "MatMul4Bit") or not hasattr(bnb_f, "dequantize_4bit"):
+        return contextlib.nullcontext()  # another bitsandbytes layout: its own path
+    if _KEEP is None:
+        _KEEP = _build_keep(bnb_fn.MatMul4Bit, bnb_f.dequantize_4bit)
+
+    @contextlib.contextmanager
+    def swapped():
+        original = bnb_fn.MatMul4Bit
+        bnb_fn.MatMul4Bit = _KEEP
+        try:
+            yield
+        finally:
+            bnb_fn.MatMul4Bit = original
+
+    return swapped()
+
+
+def _build_keep(original, dequantize_4bit):
+    import torch
+
+    class _KeepWeight(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, A, B, bias, quant_state):
+            W = dequantize_4bit(B.view(-1, 1), quant_state).to(A.dtype)  # [out, in]
+            # saved as a tensor, not an attribute: checkpointing releases and recomputes it with its layer
+            ctx.save_for_backward(W if ctx.needs_input_grad[0] else None)
+            ctx.bias_dtype = None if bias is None else bias.dtype
+            return torch.nn.functional.linear(A, W, bias)
+
+        @staticmethod
+        def backward(ctx, grad_output):
+            (W,) = ctx.saved_tensors
+            grad_A = torch.matmul(grad_output, W.to(grad_output.dtype)) if ctx.needs_input_grad[0] else None
+            grad_bias = None
+            if ctx.needs_input_grad[2]:
+                grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0, dtype=ctx.bias_dtype)
+            return grad_A, None, grad_bias, None
+
+    class _Dispatch:
+        """Stands in for MatMul4Bit inside keep_dequantized_weights()."""
+
+        @staticmethod
+        def apply(A, B, out=None, bias=None, quant_state=None):
+            if out is not None or A.numel() == 0 or quant_state is None or not torch.is_grad_enabled() \
+                    or not (A.requires_grad or (bias is not None and bias.requires_grad)):
+                return original.apply(A, B, out, bias, quant_state)
+            return _KeepWeight.apply(A, B, bias, quant_state)
+
+    return _Dispatch
+
+
 # --- threads ------------------------------------------------------------------------------------------
 
 
@@ -208,6 +287,8 @@ class FastPath:
     every_n_layers: int  # 0: none, 1: all
     checkpointing_why: str
     threads: dict | None = None
+    keep_dequantized: bool = False  # 4-bit weights kept dequantized from forward to backward
+    keep_dequantized_why: str = ""
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -217,7 +298,9 @@ class FastPath:
     def lines(self) -> list[str]:
         out = [f"attention: {self.layout.attn_implementation}; {self.layout.why}",
                f"gradient checkpointing: {self.checkpointing} ({self.checkpointing_why})",
-               f"loss: {self.loss_head_why}"]
+               f"loss: {self.loss_head_why}",
+               f"dequantized weights kept for backward: {'yes' if self.keep_dequantized else 'no'} "
+               f"({self.keep_dequantized_why})"]
         if self.threads:
             out.append(f"torch threads: {self.threads['threads']} ({self.threads['source']}), "
                        f"inter-op {self.threads['interop_threads']}")
@@ -245,4 +328,5 @@ def decide(recipe, model_dir: str, threads: dict | None = None) -> FastPath:
     head, head_why = choose_loss_head(recipe.training, shape.vocab, gpu, liger_available())
     budget, budget_name = plan.memory_budget(gpu)
     p = plan.make(recipe, model_dir, budget, device="cuda" if gpu else "cpu", loss_head=head, budget_name=budget_name)
-    return FastPath(layout, head, head_why, p.checkpointing, p.every_n_layers, p.checkpointing_why, threads)
+    return FastPath(layout, head, head_why, p.checkpointing, p.every_n_layers, p.checkpointing_why, threads,
+                    p.keep_dequantized, p.keep_dequantized_why)

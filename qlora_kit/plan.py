@@ -223,10 +223,12 @@ def checkpointed_layers(layers: int, every_n: int) -> int:
 def estimate(shape: Shape, *, r: int, target: str | list, max_length: int, micro_batch: int,
              double_quant: bool = True, checkpointing: bool | int = True, padding_efficiency: float = 1.0,
              optim: str = "paged_adamw_8bit", act_bytes: int = 2, device: str = "cuda",
-             loss_head: str = "chunked") -> dict[str, int]:
+             loss_head: str = "chunked", keep_dequantized: bool = False) -> dict[str, int]:
     """Peak memory by component. checkpointing: True (every layer), False (none) or n (every n-th
     layer); act_bytes: the compute dtype's size (2 on a GPU, 4 for fp32 on CPU); loss_head: model
-    (full logits), chunked (vocabulary tiles) or liger (fused linear cross-entropy)."""
+    (full logits), chunked (vocabulary tiles) or liger (fused linear cross-entropy);
+    keep_dequantized: the 4-bit weights are kept dequantized from forward to backward
+    (fastpath.keep_dequantized_weights), saved like activations."""
     every_n = 1 if checkpointing is True else 0 if checkpointing is False else int(checkpointing)
     lin = shape.linears()
     n4 = sum(i * o for i, o in lin.values()) * shape.layers
@@ -246,6 +248,13 @@ def estimate(shape: Shape, *, r: int, target: str | list, max_length: int, micro
         qkv = sum(1 for t in shape.adapted(target) if t in ("q_proj", "k_proj", "v_proj"))
         saved -= tokens * (h * 4 + 4 + qkv * h * lora_bytes(act_bytes, device)[2])
     dequant = max(a * b for a, b in lin.values()) * act_bytes
+    kept = 0
+    if keep_dequantized:
+        # every frozen linear whose input needs a gradient: all but the first layer's q/k/v without
+        # checkpointing (their input comes from the frozen embeddings)
+        kept = sum(i * o for i, o in lin.values()) * shape.layers * act_bytes
+        if every_n == 0:
+            kept -= sum(lin[t][0] * lin[t][1] for t in ("q_proj", "k_proj", "v_proj")) * act_bytes
     if loss_head == "model":  # logits in the compute dtype, their fp32 log-softmax and its gradient
         loss = tokens * (V * (act_bytes + 8) + h * act_bytes)
     elif loss_head == "liger":  # token chunks whose logits are about the size of the hidden states
@@ -260,6 +269,7 @@ def estimate(shape: Shape, *, r: int, target: str | list, max_length: int, micro
         "lora_gradients_fp32": int(n_lora * 4),
         "optimizer_state": optimizer_bytes(lora_numels, optim),
         "activations": int(saved),
+        "activations_dequantized_weights": int(kept),
         "layer_recompute": int(layer_work),
         "dequantized_weight": int(dequant),
         "logits_and_loss": int(loss),
@@ -307,6 +317,8 @@ class Plan:
     checkpointing: str = "all layers"  # none | all layers | every nth layer (k of L)
     every_n_layers: int = 1  # 0: none
     checkpointing_why: str = ""
+    keep_dequantized: bool = False
+    keep_dequantized_why: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -365,7 +377,11 @@ def make(recipe, model_spec: str | None = None, gpu_memory: int = 24 * GiB, max_
     every_n, why = decide_checkpointing(t.gradient_checkpointing, shape.layers, lambda n: total(B, T, n), gpu_memory,
                                         budget_name or (f"{gpu_memory / GiB:.1f} GiB GPU" if device == "cuda" else
                                                         f"{gpu_memory / GiB:.1f} GiB of RAM"))
-    parts = estimate(shape, max_length=T, micro_batch=B, checkpointing=every_n, **kw)
+    keep, keep_why = decide_keep_dequantized(every_n, total(B, T, every_n),
+                                             lambda: sum(estimate(shape, max_length=T, micro_batch=B, checkpointing=0,
+                                                                  keep_dequantized=True, **kw).values()),
+                                             gpu_memory)
+    parts = estimate(shape, max_length=T, micro_batch=B, checkpointing=every_n, keep_dequantized=keep, **kw)
     leanest = 1 if t.gradient_checkpointing == "auto" else every_n  # what auto would fall back to
 
     def fits(b, length):
@@ -384,7 +400,18 @@ def make(recipe, model_spec: str | None = None, gpu_memory: int = 24 * GiB, max_
     n_lora = shape.lora_params(lo.r, lo.target_modules)
     peak = sum(parts.values())
     return Plan(spec, source, gpu_memory, T, B, parts, peak, peak <= gpu_memory, best_b, lo_len, n_lora, device,
-                t.optim, describe_checkpointing(every_n, shape.layers), every_n, why)
+                t.optim, describe_checkpointing(every_n, shape.layers), every_n, why, keep, keep_why)
+
+
+def decide_keep_dequantized(every_n: int, peak: int, peak_keeping, budget: int) -> tuple[bool, str]:
+    """Keep the dequantized 4-bit weights from forward to backward (no second dequantization)
+    only when nothing is checkpointed and the step still fits the budget with them."""
+    if every_n:
+        return False, "memory is short (checkpointing): each weight is dequantized again in backward"
+    with_them = peak_keeping()
+    if with_them <= budget:
+        return True, f"they fit: {_size(with_them - peak)} more, about {_size(with_them)} in all"
+    return False, f"they would not fit ({_size(with_them)} in all): each weight is dequantized again in backward"
 
 
 def _size(n: float) -> str:
@@ -446,3 +473,5 @@ def render(plan: Plan, console) -> None:
                   f"{plan.best_micro_batch}; longest max_length at micro-batch 1: {plan.longest_max_length:,} tokens")
     console.print(f"gradient checkpointing: {plan.checkpointing} ({plan.checkpointing_why}); optimizer {plan.optim}",
                   highlight=False)
+    console.print(f"dequantized weights kept for backward: {'yes' if plan.keep_dequantized else 'no'} "
+                  f"({plan.keep_dequantized_why})", highlight=False)

@@ -226,6 +226,9 @@ def _fast_path_rows(fast: dict | None) -> list[str]:
     rows = [f"| attention | {fast['layout']['attn_implementation']}: {fast['layout']['why']} |",
             f"| gradient checkpointing | {fast['checkpointing']}: {fast['checkpointing_why']} |",
             f"| loss | {fast['loss_head_why']} |"]
+    if "keep_dequantized" in fast:
+        rows.append(f"| dequantized 4-bit weights kept for backward | {'yes' if fast['keep_dequantized'] else 'no'}: "
+                    f"{fast['keep_dequantized_why']} |")
     th = fast.get("threads")
     if th:
         rows.append(f"| torch threads | {th['threads']} thread{'s' if th['threads'] != 1 else ''} ({th['source']}), "

@@ -632,6 +632,7 @@ def _fit(recipe: Recipe, model_dir: str, tokenizer, train_rows, eval_rows, run_d
         if n in exact:
             p.data = exact[n]
     trainer.qk_loss_head = fast.loss_head
+    trainer.qk_keep_dequantized = fast.keep_dequantized
     if fast.loss_head == "chunked":
         fastpath.reinstall_chunked_head(trainer.model)
     trainer.remove_callback(PrinterCallback)  # Rich prints progress; no raw dicts on stderr

@@ -224,7 +224,10 @@ def test_checkpointing_from_the_plan_threads_and_metrics_recorded(tiny_dir, unev
               micro_batch=rec.training.per_device_train_batch_size, optim=rec.training.optim, act_bytes=4,
               device="cpu", loss_head="model")
     none, every2 = (sum(plan.estimate(shape, checkpointing=n, **kw).values()) for n in (0, 2))
-    assert every2 < none and plan.make(rec, str(tiny_dir), 1 << 40, device="cpu").total == none
+    assert every2 < none
+    roomy = plan.make(rec, str(tiny_dir), 1 << 40, device="cpu")  # the same estimate, plus kept weights
+    assert roomy.keep_dequantized and roomy.total == sum(plan.estimate(shape, checkpointing=0, keep_dequantized=True,
+                                                                       **kw).values())
     budget = (none + every2) // 2
     monkeypatch.setattr(plan, "memory_budget", lambda gpu: (budget, "test budget"))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -273,3 +276,32 @@ def test_loss_head_fits_device_and_vocabulary():
 
     with pytest.raises(UserError, match="liger"):
         choose_loss_head(on, 152064, gpu=False, liger=False)
+
+
+def test_kept_dequantized_weights_give_the_same_loss_and_gradients(tiny_dir):
+    """keep_dequantized_weights: bitsandbytes' 4-bit matmul keeps its forward's dequantized weight
+    for backward instead of dequantizing again: bit-identical loss and gradients, and the kept
+    weights are released with the graph (saved tensors, so checkpointing can drop them too)."""
+    import contextlib
+
+    from qlora_kit import attention, fastpath
+
+    model, tok, info = _tiny_lora(tiny_dir, attention.PER_SEQUENCE)
+    model.train()
+    batch = {"input_ids": torch.tensor([r["input_ids"] for r in _rows(tok, info, 2)][:1])}
+    batch["labels"] = batch["input_ids"].clone()
+    saved = []
+    results = []
+    for keep in (False, True):
+        ctx = fastpath.keep_dequantized_weights() if keep else contextlib.nullcontext()
+        with ctx, torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((keep, t.shape)) or t, lambda t: t):
+            results.append(_loss_and_grads(model, batch))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert loss_a == loss_b and all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a)
+    # the frozen 4-bit weights (out x in of the model's linears) appear among the saved tensors only when kept
+    weights = {tuple(m.weight.quant_state.shape) for m in model.modules() if hasattr(getattr(m, "weight", None), "quant_state")}
+    kept = {tuple(s) for k, s in saved if k} & weights
+    assert kept and not ({tuple(s) for k, s in saved if not k} & weights)
+    from bitsandbytes.autograd import _functions
+
+    assert _functions.MatMul4Bit.__name__ == "MatMul4Bit"  # restored after the context

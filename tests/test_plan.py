@@ -209,3 +209,17 @@ def test_bench_train_runs_on_cpu(tmp_path):
         assert sum(run["parts_s_per_step_wall"].values()) == pytest.approx(run["s_per_step_wall"], rel=1e-6)
     assert job["runs"]["plain"][0]["gradient_checkpointing"] is True  # the blog recipe, not qlora-kit's switches
     assert job["ratio"]["per_cpu_s_median"] > 0 and (tmp_path / "bench_train-cpu.md").is_file()
+
+
+def test_dequantized_weights_kept_only_when_they_fit():
+    """The plan keeps the 4-bit weights dequantized for backward only without checkpointing and
+    within the budget; the kept bytes are the frozen linears in the compute dtype."""
+    rec = Recipe.model_validate({"base_model": "meta-llama/Llama-3.1-8B-Instruct",
+                                 "training": {"max_length": 2048, "per_device_train_batch_size": 1}})
+    big, mid, small = (plan.make(rec, gpu_memory=g * plan.GiB) for g in (80, 24, 12))
+    assert big.keep_dequantized and big.every_n_layers == 0 and big.fits
+    kept = big.parts["activations_dequantized_weights"]
+    lin = plan.Shape.from_config(plan.KNOWN["meta-llama/Llama-3.1-8B-Instruct"]).linears()
+    assert kept == (sum(i * o for i, o in lin.values()) * 32 - sum(lin[t][0] * lin[t][1] for t in ("q_proj", "k_proj", "v_proj"))) * 2
+    assert not mid.keep_dequantized and mid.every_n_layers == 0 and "would not fit" in mid.keep_dequantized_why
+    assert not small.keep_dequantized and small.every_n_layers > 0 and small.parts["activations_dequantized_weights"] == 0
