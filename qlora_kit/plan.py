@@ -34,6 +34,9 @@ from pathlib import Path
 from .errors import UserError
 
 GiB = 1 << 30
+# Automatic choices (checkpointing, kept weights) leave this share of the budget unplanned: the
+# GPU-only terms (CUDA context, allocator, kernels' workspaces) are not measured on a GPU yet.
+AUTO_HEADROOM = 0.9
 CUDA_CONTEXT = int(0.5 * GiB)
 FRAGMENTATION = 0.05
 
@@ -409,7 +412,7 @@ def decide_keep_dequantized(every_n: int, peak: int, peak_keeping, budget: int) 
     if every_n:
         return False, "memory is short (checkpointing): each weight is dequantized again in backward"
     with_them = peak_keeping()
-    if with_them <= budget:
+    if with_them <= budget * AUTO_HEADROOM:
         return True, f"they fit: {_size(with_them - peak)} more, about {_size(with_them)} in all"
     return False, f"they would not fit ({_size(with_them)} in all): each weight is dequantized again in backward"
 
@@ -419,20 +422,23 @@ def _size(n: float) -> str:
 
 
 def decide_checkpointing(setting, layers: int, peak_with, budget: int, budget_name: str) -> tuple[int, str]:
-    """(every_n_layers, why). `peak_with(every_n)` is the plan's peak; 0 = no checkpointing."""
+    """(every_n_layers, why). `peak_with(every_n)` is the plan's peak; 0 = no checkpointing. Plans
+    within AUTO_HEADROOM of the budget."""
     if setting is True:
         return 1, "training.gradient_checkpointing: true"
     if setting is False:
         return 0, "training.gradient_checkpointing: false"
+    budget = int(budget * AUTO_HEADROOM)
+    budget_name = f"{_size(budget)} planned of the {budget_name}"
     none = peak_with(0)
     if none <= budget:
-        return 0, f"the step fits without: about {_size(none)} of the {budget_name}"
+        return 0, f"the step fits without: about {_size(none)} within {budget_name}"
     for n in checkpointing_choices(layers)[1:]:
         peak = peak_with(n)
         if peak <= budget:
-            return n, (f"without checkpointing about {_size(none)}, over the {budget_name}; "
+            return n, (f"without checkpointing about {_size(none)}, over {budget_name}; "
                        f"with {describe_checkpointing(n, layers)}: about {_size(peak)}")
-    return 1, (f"about {_size(peak_with(1))} even with every layer checkpointed, over the {budget_name}; "
+    return 1, (f"about {_size(peak_with(1))} even with every layer checkpointed, over {budget_name}; "
                "checkpointing all layers")
 
 

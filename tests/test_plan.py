@@ -95,9 +95,9 @@ def test_checkpointing_auto_follows_the_budget():
     assert rec.training.gradient_checkpointing == "auto"
     big = plan.make(rec, gpu_memory=80 * plan.GiB)
     assert big.every_n_layers == 0 and big.checkpointing == "none" and big.fits and "fits without" in big.checkpointing_why
-    tight = plan.make(rec, gpu_memory=16 * plan.GiB)
-    assert tight.every_n_layers > 1 and tight.fits and tight.total <= 16 * plan.GiB < big.total
-    assert tight.checkpointing.startswith("every ") and "over the 16.0 GiB GPU" in tight.checkpointing_why
+    tight = plan.make(rec, gpu_memory=18 * plan.GiB)  # auto plans within 90 % of the budget
+    assert tight.every_n_layers > 1 and tight.fits and tight.total <= 0.9 * 18 * plan.GiB < big.total
+    assert tight.checkpointing.startswith("every ") and "over 16.2 GiB planned of the 18.0 GiB GPU" in tight.checkpointing_why
     small = plan.make(rec, gpu_memory=8 * plan.GiB)
     assert small.every_n_layers == 1 and small.fits and small.total < tight.total
     none_fits = plan.make(rec, gpu_memory=4 * plan.GiB)
@@ -216,7 +216,7 @@ def test_dequantized_weights_kept_only_when_they_fit():
     within the budget; the kept bytes are the frozen linears in the compute dtype."""
     rec = Recipe.model_validate({"base_model": "meta-llama/Llama-3.1-8B-Instruct",
                                  "training": {"max_length": 2048, "per_device_train_batch_size": 1}})
-    big, mid, small = (plan.make(rec, gpu_memory=g * plan.GiB) for g in (80, 24, 12))
+    big, mid, small = (plan.make(rec, gpu_memory=g * plan.GiB) for g in (80, 38, 12))
     assert big.keep_dequantized and big.every_n_layers == 0 and big.fits
     kept = big.parts["activations_dequantized_weights"]
     lin = plan.Shape.from_config(plan.KNOWN["meta-llama/Llama-3.1-8B-Instruct"]).linears()
