@@ -42,9 +42,26 @@ def choose_loss_head(training, vocab_size: int, gpu: bool, liger: bool) -> tuple
         return "liger", "liger-kernel fused linear cross-entropy (no logits materialised)"
     if not gpu:
         return "model", "the model's own cross-entropy (CPU)"
-    if vocab_size >= LARGE_VOCAB:
+    if vocab_size >= LARGE_VOCAB and chunked_head_available():
         return "chunked", f"cross-entropy in vocabulary tiles in the compute dtype ({vocab_size:,}-token vocabulary)"
     return "model", f"the model's own cross-entropy ({vocab_size:,}-token vocabulary)"
+
+
+def chunked_head_available() -> bool:
+    """TRL's tiled LM head (trl >= 1.16 adds it to every SFTTrainer model)."""
+    try:
+        from trl.trainer.utils import add_fused_lm_head  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def head_without_liger(vocab_size: int) -> tuple[str, str]:
+    """The GPU head when liger-kernel turns out not to know the architecture."""
+    if vocab_size >= LARGE_VOCAB and chunked_head_available():
+        return "chunked", (f"cross-entropy in vocabulary tiles in the compute dtype ({vocab_size:,}-token vocabulary; "
+                           "liger-kernel does not know this architecture)")
+    return "model", "the model's own cross-entropy (liger-kernel does not know this architecture)"
 
 
 def apply_liger(model) -> bool:
@@ -61,14 +78,25 @@ def apply_liger(model) -> bool:
 
 
 def reinstall_chunked_head(model) -> None:
-    """SFTTrainer adds a chunked LM head that also computes entropy and top-1 per token on every call;
-    put the same head back with log-probabilities only (metrics are for logging steps)."""
+    """SFTTrainer adds a tiled LM head that also computes entropy and top-1 of every token on every
+    call. Keep it for evaluation (TRL's compute_loss reads both), and add the same head with
+    log-probabilities only for training steps: a call with `qk_lean_head=True` takes that one."""
+    import functools
+    import types
+
     from trl.trainer.utils import add_fused_lm_head
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if "forward" in vars(base):
-        del base.forward  # TRL's instance-level patch; the class forward is the model's own
+    full = base.forward  # TRL's head (instance attribute) over the model's own forward
+    del base.forward
     add_fused_lm_head(base, outputs=("log_probs",))
+    lean = base.forward
+
+    @functools.wraps(type(base).forward)  # generate() checks its kwargs against this signature
+    def forward(self, *args, qk_lean_head=False, **kwargs):
+        return (lean if qk_lean_head else full)(*args, **kwargs)
+
+    base.forward = types.MethodType(forward, base)
 
 
 class FastStepMixin:
@@ -94,7 +122,7 @@ class FastStepMixin:
 
         inputs = {**inputs, "use_cache": False}
         if self.qk_loss_head == "chunked":
-            inputs["fused_lm_head"] = True
+            inputs["fused_lm_head"] = inputs["qk_lean_head"] = True
         self._qk_count(inputs)
         # transformers' own compute_loss: the model's loss with num_items_in_batch (gradient
         # accumulation), averaged across processes like TRL's
@@ -328,5 +356,10 @@ def decide(recipe, model_dir: str, threads: dict | None = None) -> FastPath:
     head, head_why = choose_loss_head(recipe.training, shape.vocab, gpu, liger_available())
     budget, budget_name = plan.memory_budget(gpu)
     p = plan.make(recipe, model_dir, budget, device="cuda" if gpu else "cpu", loss_head=head, budget_name=budget_name)
+    keep, keep_why = p.keep_dequantized, p.keep_dequantized_why
+    from .distributed import world
+
+    if keep and world().strategy == "fsdp":  # FSDP hands the layers flattened shards, not whole 4-bit weights
+        keep, keep_why = False, "FSDP: each weight is dequantized again in backward"
     return FastPath(layout, head, head_why, p.checkpointing, p.every_n_layers, p.checkpointing_why, threads,
-                    p.keep_dequantized, p.keep_dequantized_why)
+                    keep, keep_why)

@@ -588,7 +588,7 @@ def _fit(recipe: Recipe, model_dir: str, tokenizer, train_rows, eval_rows, run_d
         attention.register()
     model = load_4bit(model_dir, recipe, attn_implementation=fast.layout.attn_implementation)
     if fast.loss_head == "liger" and not fastpath.apply_liger(model):
-        fast.loss_head, fast.loss_head_why = "model", "the model's own cross-entropy (liger-kernel does not know this architecture)"
+        fast.loss_head, fast.loss_head_why = fastpath.head_without_liger(model.config.get_text_config().vocab_size)
         info["fast_path"] = fast.to_dict()
     # no KV cache in training: with a cache transformers cannot see padding-free sequence boundaries
     # in position_ids, and packed samples would attend to each other

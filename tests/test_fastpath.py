@@ -305,3 +305,25 @@ def test_kept_dequantized_weights_give_the_same_loss_and_gradients(tiny_dir):
     from bitsandbytes.autograd import _functions
 
     assert _functions.MatMul4Bit.__name__ == "MatMul4Bit"  # restored after the context
+
+
+def test_chunked_loss_head_trains_like_the_model_head(tiny_dir, uneven, tmp_path, monkeypatch):
+    """The large-vocabulary GPU head (TRL's tiled log-probabilities, re-installed with log-probs only),
+    forced here on CPU: the same losses as the model's own cross-entropy, and it is what ran."""
+    from qlora_kit import fastpath
+
+    calls = []
+    real = fastpath.reinstall_chunked_head
+
+    def spy(model):
+        calls.append(model)
+        return real(model)
+
+    a = _losses(train.run(make_recipe(str(tiny_dir), uneven, max_steps=3, early_stopping_patience=0),
+                          str(tmp_path / "model-head")))
+    monkeypatch.setattr(fastpath, "choose_loss_head", lambda *a, **k: ("chunked", "forced for the test"))
+    monkeypatch.setattr(fastpath, "reinstall_chunked_head", spy)
+    run = train.run(make_recipe(str(tiny_dir), uneven, max_steps=3, early_stopping_patience=0), str(tmp_path / "chunked"))
+    b = _losses(run)
+    assert json.loads((run / "run.json").read_text())["fast_path"]["loss_head"] == "chunked" and len(calls) == 1
+    assert len(a) == len(b) == 3 and max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
