@@ -405,7 +405,8 @@ def lora_config(recipe: Recipe, model: nn.Module, eos_id: int | None = None):
 def attach_lora(model, recipe: Recipe, eos_id: int | None = None):
     from peft import get_peft_model
 
-    # Gradient checkpointing is switched on by the Trainer (SFTConfig.gradient_checkpointing).
+    # Gradient checkpointing, where the memory plan wants it, is switched on by the Trainer
+    # (SFTConfig.activation_checkpointing, from fastpath.decide).
     if recipe.training.upcast_embeddings:  # the plain blog recipe, kept for comparison benchmarks
         from peft import prepare_model_for_kbit_training
 
