@@ -24,9 +24,12 @@ LARGE_VOCAB = 65536
 def liger_available() -> bool:
     import importlib.util
 
+    # the package first: without it `qlora-kit plan` (which asks this) never imports torch (about 1 s)
+    if importlib.util.find_spec("liger_kernel") is None:
+        return False
     import torch
 
-    return torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
+    return torch.cuda.is_available()
 
 
 def choose_loss_head(training, vocab_size: int, gpu: bool, liger: bool) -> tuple[str, str]:

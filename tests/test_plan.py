@@ -190,6 +190,21 @@ def test_cli_plan_offline(tmp_path, qwen_slice):
     assert r.returncode == 2 and "cannot get the config" in r.stderr
 
 
+def test_cli_plan_does_not_import_torch():
+    """`plan` reads a config and does arithmetic: no torch (a second of start-up) unless liger-kernel
+    is installed, when the loss head depends on whether a GPU is there."""
+    import importlib.util
+
+    if importlib.util.find_spec("liger_kernel") is not None:
+        pytest.skip("liger-kernel installed: plan asks torch whether there is a GPU")
+    code = ("import sys\nfrom qlora_kit.cli import app\n"
+            "try:\n    app(['plan', 'legal', '--json'])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "print('HEAVY', [m for m in ('torch', 'transformers', 'numpy') if m in sys.modules])\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    assert "HEAVY []" in r.stdout, r.stdout + r.stderr
+
+
 def test_bench_train_runs_on_cpu(tmp_path):
     """The benchmark itself: the blog recipe and `qlora-kit train`, each in its own process, timed by
     part with one torch thread, and a result written (a tiny real-shaped slice, two steps)."""
