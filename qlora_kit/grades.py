@@ -36,7 +36,7 @@ from statistics import NormalDist
 
 from rich.console import Console
 
-from . import rundir
+from . import readers, rundir
 from .errors import UserError
 
 console = Console(stderr=True, soft_wrap=True)
@@ -142,14 +142,6 @@ def col_letter(i: int) -> str:
     return s
 
 
-def _xlsx_cell(v) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float) and v.is_integer():
-        return str(int(v))
-    return str(v)
-
-
 def read_table(path: Path) -> list[list[str]]:
     """Rows of cells as strings; row i is spreadsheet row i+1. CSV (any of the encodings and separators
     Excel and LibreOffice save) or .xlsx."""
@@ -163,23 +155,14 @@ def read_table(path: Path) -> list[list[str]]:
 
         try:
             wb = openpyxl.load_workbook(path, read_only=True, data_only=True)
-            rows = [[_xlsx_cell(v) for v in row] for row in wb.worksheets[0].iter_rows(values_only=True)]
+            rows = [[readers.cell_text(v) for v in row] for row in wb.worksheets[0].iter_rows(values_only=True)]
             wb.close()
             return rows
         except (zipfile.BadZipFile, OSError, KeyError, ValueError) as e:
             raise UserError(f"{path}: not a readable .xlsx file ({e})", "save it again from Excel, or as CSV") from None
-    raw = path.read_bytes()
-    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
-        text = raw.decode("utf-16", errors="replace")  # Excel's "Unicode text"; the key needs only the ids
-    else:
-        try:
-            text = raw.decode("utf-8-sig")
-        except UnicodeDecodeError:
-            try:
-                text = raw.decode("gb18030")  # Excel's plain "CSV" on a Chinese Windows
-            except UnicodeDecodeError:
-                raise UserError(f"{path}: neither UTF-8 nor GB18030 text",
-                                "save it from Excel as 'CSV UTF-8', or as .xlsx") from None
+    # UTF-8 (with or without BOM), Excel's "Unicode text" (UTF-16) and its plain "CSV" on a Chinese
+    # Windows (GB18030): the data files' decoder, with its messages
+    text, _ = readers.decode(path.read_bytes(), path)
     first = text.split("\n", 1)[0]
     delim = max(",;\t", key=lambda d: len(next(csv.reader([first], delimiter=d), [])))
     try:

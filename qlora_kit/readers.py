@@ -236,7 +236,8 @@ def read_csv(text: str, path: Path, delimiter: str | None = None) -> Read:
     return Read(records, bad, "tsv" if delimiter == "\t" else "csv", "", header)
 
 
-def _cell(v) -> str:
+def cell_text(v) -> str:
+    """A spreadsheet value as text: empty for a blank cell, 3 (not 3.0) for a whole number."""
     if v is None:
         return ""
     if isinstance(v, float) and v.is_integer():
@@ -276,7 +277,7 @@ def _read_sheet(ws, path: Path, many_sheets: bool, calc_on_load: bool) -> Read |
     problems = _formula_problems(ws, calc_on_load)  # (row, column) -> why its value cannot be used
     records, header = [], None
     for i, row in enumerate(ws.iter_rows(values_only=True), start=1):
-        cells: list = [_cell(c) for c in row]
+        cells: list = [cell_text(c) for c in row]
         for j in range(len(cells)) if problems else ():
             if (i, j + 1) in problems:
                 cells[j] = CellProblem(problems[i, j + 1])
