@@ -134,12 +134,9 @@ def _norm(header: str) -> str:
 
 def col_letter(i: int) -> str:
     """0 -> A, 25 -> Z, 26 -> AA: columns as a spreadsheet names them."""
-    s = ""
-    i += 1
-    while i:
-        i, r = divmod(i - 1, 26)
-        s = chr(65 + r) + s
-    return s
+    from openpyxl.utils import get_column_letter  # only for a message: not imported before one is needed
+
+    return get_column_letter(i + 1)
 
 
 def read_table(path: Path) -> list[list[str]]:
