@@ -349,12 +349,15 @@ def act_bytes_for(recipe, device: str) -> int:
     return 4 if name == "float32" else 2
 
 
-def default_loss_head(shape: Shape, device: str) -> str:
+def default_loss_head(training, shape: Shape, device: str) -> str:
+    """The head train picks on `device` (fastpath.choose_loss_head), without asking TRL whether it has
+    the tiled head (that would import TRL and torch into `plan`): liger when training.liger_kernel
+    is true (train uses it on the GPU, or refuses) or auto with liger-kernel installed."""
     from .fastpath import LARGE_VOCAB, liger_available
 
     if device == "cpu":
         return "model"
-    if liger_available():
+    if training.liger_kernel is True or (training.liger_kernel == "auto" and liger_available()):
         return "liger"
     return "chunked" if shape.vocab >= LARGE_VOCAB else "model"
 
@@ -369,7 +372,7 @@ def make(recipe, model_spec: str | None = None, gpu_memory: int = 24 * GiB, max_
     shape = Shape.from_config(cfg)
     t, lo = recipe.training, recipe.lora
     T = max_length or t.max_length
-    head = loss_head or default_loss_head(shape, device)
+    head = loss_head or default_loss_head(t, shape, device)
     kw = dict(r=lo.r, target=lo.target_modules, double_quant=recipe.quantization.bnb_4bit_use_double_quant,
               optim=t.optim, act_bytes=act_bytes_for(recipe, device), device=device, loss_head=head)
     B = t.per_device_train_batch_size

@@ -238,3 +238,17 @@ def test_dequantized_weights_kept_only_when_they_fit():
     assert kept == (sum(i * o for i, o in lin.values()) * 32 - sum(lin[t][0] * lin[t][1] for t in ("q_proj", "k_proj", "v_proj"))) * 2
     assert not mid.keep_dequantized and mid.every_n_layers == 0 and "would not fit" in mid.keep_dequantized_why
     assert not small.keep_dequantized and small.every_n_layers > 0 and small.parts["activations_dequantized_weights"] == 0
+
+
+def test_plan_takes_the_loss_head_train_takes():
+    """`plan` (a GPU) uses train's choice of loss head (fastpath.choose_loss_head): liger_kernel: false
+    is the tiled head for a large vocabulary even where liger-kernel is installed, true is liger."""
+    rec = Recipe.model_validate({"base_model": "Qwen/Qwen2.5-7B-Instruct", "training": {"max_length": 2048}})
+    shape = plan.Shape.from_config(plan.KNOWN["Qwen/Qwen2.5-7B-Instruct"])
+    for setting, head in ((False, "chunked"), (True, "liger")):
+        rec.training.liger_kernel = setting
+        p = plan.make(rec, gpu_memory=80 * plan.GiB)
+        expected = plan.estimate(shape, r=rec.lora.r, target=rec.lora.target_modules, max_length=2048,
+                                 micro_batch=rec.training.per_device_train_batch_size, checkpointing=p.every_n_layers,
+                                 optim=rec.training.optim, loss_head=head, keep_dequantized=p.keep_dequantized)
+        assert p.parts == expected, setting
