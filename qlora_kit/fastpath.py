@@ -43,11 +43,7 @@ def choose_loss_head(training, vocab_size: int, gpu: bool, liger: bool) -> tuple
                         "set training.liger_kernel: auto")
     if liger and choice in (True, "auto"):
         return "liger", "liger-kernel fused linear cross-entropy (no logits materialised)"
-    if not gpu:
-        return "model", "the model's own cross-entropy (CPU)"
-    if vocab_size >= LARGE_VOCAB and chunked_head_available():
-        return "chunked", f"cross-entropy in vocabulary tiles in the compute dtype ({vocab_size:,}-token vocabulary)"
-    return "model", f"the model's own cross-entropy ({vocab_size:,}-token vocabulary)"
+    return head_without_liger(vocab_size, gpu)
 
 
 def chunked_head_available() -> bool:
@@ -59,12 +55,14 @@ def chunked_head_available() -> bool:
     return True
 
 
-def head_without_liger(vocab_size: int) -> tuple[str, str]:
-    """The GPU head when liger-kernel turns out not to know the architecture."""
+def head_without_liger(vocab_size: int, gpu: bool = True, note: str = "") -> tuple[str, str]:
+    """(head, why) without liger-kernel: on a CPU, on a GPU without it, or (`note` says so) when it
+    turns out not to know the architecture."""
+    if not gpu:
+        return "model", "the model's own cross-entropy (CPU)"
     if vocab_size >= LARGE_VOCAB and chunked_head_available():
-        return "chunked", (f"cross-entropy in vocabulary tiles in the compute dtype ({vocab_size:,}-token vocabulary; "
-                           "liger-kernel does not know this architecture)")
-    return "model", "the model's own cross-entropy (liger-kernel does not know this architecture)"
+        return "chunked", f"cross-entropy in vocabulary tiles in the compute dtype ({vocab_size:,}-token vocabulary{note})"
+    return "model", f"the model's own cross-entropy ({vocab_size:,}-token vocabulary{note})"
 
 
 def apply_liger(model) -> bool:

@@ -178,17 +178,12 @@ def check_device_switches(recipe: Recipe) -> None:
 
 
 def use_liger(recipe: Recipe) -> bool:
-    """Fused linear cross-entropy never materialises full-vocabulary logits; it needs a GPU."""
-    import importlib.util
-
+    """Fused linear cross-entropy never materialises full-vocabulary logits; it needs a GPU.
+    training.liger_kernel: true where it cannot run is refused (fastpath.choose_loss_head)."""
+    from . import fastpath
     from .model import has_gpu
 
-    choice = recipe.training.liger_kernel
-    available = has_gpu() and importlib.util.find_spec("liger_kernel") is not None
-    if choice is True and not available:
-        raise UserError("training.liger_kernel: true needs a CUDA GPU and `pip install liger-kernel`",
-                        "set training.liger_kernel: auto")
-    return available if choice == "auto" else bool(choice)
+    return fastpath.choose_loss_head(recipe.training, 0, has_gpu(), fastpath.liger_available())[0] == "liger"
 
 
 def early_stopping(recipe: Recipe, has_eval: bool) -> list:
@@ -588,7 +583,8 @@ def _fit(recipe: Recipe, model_dir: str, tokenizer, train_rows, eval_rows, run_d
         attention.register()
     model = load_4bit(model_dir, recipe, attn_implementation=fast.layout.attn_implementation)
     if fast.loss_head == "liger" and not fastpath.apply_liger(model):
-        fast.loss_head, fast.loss_head_why = fastpath.head_without_liger(model.config.get_text_config().vocab_size)
+        fast.loss_head, fast.loss_head_why = fastpath.head_without_liger(
+            model.config.get_text_config().vocab_size, note="; liger-kernel does not know this architecture")
         info["fast_path"] = fast.to_dict()
     # no KV cache in training: with a cache transformers cannot see padding-free sequence boundaries
     # in position_ids, and packed samples would attend to each other
