@@ -4,6 +4,7 @@ two real adapters on one 4-bit tiny Llama. No mocks: answers are compared with w
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -347,14 +348,10 @@ def _listening(port: int) -> list[str]:
     return out
 
 
-def test_main_serves_on_loopback_by_default(tiny_run, injury_run, tmp_path):
-    """The real command: `qlora-kit serve RUN --adapter NAME=RUN --port 0 --api-key-file F`."""
-    assert inspect.signature(serve.main).parameters["host"].default == "127.0.0.1"
-    key_file = tmp_path / "key"
-    key_file.write_text(KEY + "\n")
-    cmd = [sys.executable, "-m", "qlora_kit.cli", "serve", str(tiny_run[0]), "--adapter", f"injury={injury_run}",
-           "--port", "0", "--api-key-file", str(key_file), "--max-tokens", str(N)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+@contextlib.contextmanager
+def serve_process(cmd: list[str], env: dict):
+    """`qlora-kit serve` as a real process: yields its stderr up to its "serving ... at URL" line (all
+    of it, if it exited first); terminated on leaving."""
     p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     lines: list[str] = []
     started = threading.Event()
@@ -368,19 +365,31 @@ def test_main_serves_on_loopback_by_default(tiny_run, injury_run, tmp_path):
 
     threading.Thread(target=read, daemon=True).start()
     try:
-        assert started.wait(180), "serve.main printed nothing for 3 minutes"
-        m = re.search(r"serving (.+) at (http://127\.0\.0\.1:(\d+)/v1)", "".join(lines))
-        assert m, "".join(lines)
-        assert m.group(1).split(", ") == [tiny_run[0].name, "injury", "base"] and "warning" not in "".join(lines)
+        assert started.wait(180), "serve printed nothing for 3 minutes"
+        yield "".join(lines)
+    finally:
+        p.terminate()
+        p.wait(30)
+
+
+def test_main_serves_on_loopback_by_default(tiny_run, injury_run, tmp_path):
+    """The real command: `qlora-kit serve RUN --adapter NAME=RUN --port 0 --api-key-file F`."""
+    assert inspect.signature(serve.main).parameters["host"].default == "127.0.0.1"
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY + "\n")
+    cmd = [sys.executable, "-m", "qlora_kit.cli", "serve", str(tiny_run[0]), "--adapter", f"injury={injury_run}",
+           "--port", "0", "--api-key-file", str(key_file), "--max-tokens", str(N)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    with serve_process(cmd, env) as out:
+        m = re.search(r"serving (.+) at (http://127\.0\.0\.1:(\d+)/v1)", out)
+        assert m, out
+        assert m.group(1).split(", ") == [tiny_run[0].name, "injury", "base"] and "warning" not in out
         port = int(m.group(3))
         if os.path.exists("/proc/net/tcp"):
             assert _listening(port) == ["0100007F"]  # 127.0.0.1 only, not 0.0.0.0 or ::
         c = openai.OpenAI(base_url=m.group(2), api_key=KEY, max_retries=0, timeout=120)
         assert {x.id for x in c.models.list().data} == {tiny_run[0].name, "injury", "base"}
         assert ask(c, "injury").usage.completion_tokens <= N
-    finally:
-        p.terminate()
-        p.wait(30)
 
 
 def test_check_bind_and_run_names(tiny_run, injury_run):

@@ -15,7 +15,7 @@ import time
 
 import pytest
 from conftest import ROOT
-from test_serve import KEY, Server, _listening, raw
+from test_serve import KEY, Server, _listening, raw, serve_process
 
 from qlora_kit import generate, serve
 
@@ -280,23 +280,9 @@ def test_public_bind_without_a_real_key_exits_2_before_binding(tiny_run, tmp_pat
 def test_public_bind_with_a_real_key_serves_and_asks_for_it(tiny_run, tmp_path):
     key = "a-long-enough-key-0123456789"
     (tmp_path / "key").write_text(key + "\n")
-    p = subprocess.Popen(serve_cmd(tiny_run[0], "--host", "0.0.0.0", "--api-key-file", str(tmp_path / "key")),
-                         stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
-    lines: list[str] = []
-    started = threading.Event()
-
-    def read():
-        for line in p.stderr:
-            lines.append(line)
-            if line.startswith("serving"):
-                started.set()
-        started.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    try:
-        assert started.wait(180), "serve printed nothing for 3 minutes"
-        m = re.search(r"serving .+ at http://0\.0\.0\.0:(\d+)/v1 \(API key required\)", "".join(lines))
-        assert m, "".join(lines)
+    with serve_process(serve_cmd(tiny_run[0], "--host", "0.0.0.0", "--api-key-file", str(tmp_path / "key")), ENV) as out:
+        m = re.search(r"serving .+ at http://0\.0\.0\.0:(\d+)/v1 \(API key required\)", out)
+        assert m, out
         port = int(m.group(1))
         if os.path.exists("/proc/net/tcp"):
             assert _listening(port) == ["00000000"]  # every IPv4 address
@@ -304,6 +290,3 @@ def test_public_bind_with_a_real_key_serves_and_asks_for_it(tiny_run, tmp_path):
         assert raw(url)[0] == 401
         status, body = raw(url, headers={"Authorization": f"Bearer {key}"})
         assert status == 200 and {m["id"] for m in body["data"]} == {tiny_run[0].name, "base"}
-    finally:
-        p.terminate()
-        p.wait(30)
