@@ -561,17 +561,31 @@ def _too_large(limit: int) -> ApiError:
                     "request_too_large", {"Connection": "close"})
 
 
-async def _read_body(request, limit: int = MAX_BODY) -> bytearray:
-    """The body, refused with 413 by its Content-Length before any of it is read, or, when it is
-    streamed (chunked), as soon as it passes `limit`: memory never holds more than `limit`."""
+def body_chunks(request, limit: int, too_large):
+    """The body's chunks (an async iterator), refused with `raise too_large()` at once by its
+    Content-Length, before any of it is read, or, when it is streamed (chunked), as soon as it passes
+    `limit`. For every body a client may send, here and in the web UI: neither Starlette nor uvicorn
+    limits a body's size (uvicorn does answer a Content-Length that is not digits with 400 itself)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.strip().isdigit() and int(declared) > limit:
-        raise _too_large(limit)
+        raise too_large()
+
+    async def capped():
+        seen = 0
+        async for chunk in request.stream():
+            seen += len(chunk)
+            if seen > limit:
+                raise too_large()
+            yield chunk
+
+    return capped()
+
+
+async def read_body(request, limit: int, too_large) -> bytearray:
+    """The whole body (see body_chunks): memory never holds more than `limit`."""
     buf = bytearray()
-    async for chunk in request.stream():
+    async for chunk in body_chunks(request, limit, too_large):
         buf += chunk
-        if len(buf) > limit:
-            raise _too_large(limit)
     return buf
 
 
@@ -699,7 +713,7 @@ def create_app(service: Service, api_key: str | None = None) -> fastapi.FastAPI:
         if ctype != "application/json":
             raise _bad(f"Content-Type must be application/json, got {ctype or 'none'!r}", None, "invalid_content_type")
         service.refuse_if_full()
-        raw = await _read_body(request)
+        raw = await read_body(request, MAX_BODY, lambda: _too_large(MAX_BODY))
         try:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:

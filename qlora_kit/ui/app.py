@@ -25,7 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
-from .. import rundir
+from .. import rundir, serve
 from ..errors import UserError
 from . import downloads, jobs, newrun, runs, security, uploads
 from .chatting import Chat
@@ -118,18 +118,8 @@ def create_app(runs_dir: Path, token: str | None = None, max_upload_bytes: int =
     async def body_json(request: Request) -> dict:
         """The JSON object a page sent: 413 past MAX_JSON, by its Content-Length before reading a byte,
         and while reading a body sent without one."""
-        length = request.headers.get("content-length")
-        too_big = TooLarge(f"the request is larger than {MAX_JSON >> 10} KiB", "send a shorter question or form")
-        if length is not None:
-            if not length.strip().isdigit():
-                raise UserError("the request's Content-Length is not a number")
-            if int(length) > MAX_JSON:
-                raise too_big
-        raw = bytearray()
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > MAX_JSON:
-                raise too_big
+        raw = await serve.read_body(request, MAX_JSON, lambda: TooLarge(
+            f"the request is larger than {MAX_JSON >> 10} KiB", "send a shorter question or form"))
         try:
             v = json.loads(bytes(raw) or b"{}", parse_constant=_no_constants)
         except ValueError:
@@ -303,12 +293,9 @@ def create_app(runs_dir: Path, token: str | None = None, max_upload_bytes: int =
     @api.post("/api/uploads")
     async def upload(request: Request, name: str):
         uploads.safe_name(name)  # refused before a byte is read
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > max_upload_bytes:
-            return JSONResponse({"error": f"the file is larger than the upload limit ({max_upload_bytes / 2**20:.0f} MiB)",
-                                 "hint": "type the file's path on this machine instead"}, status_code=413)
         try:
-            p = await uploads.save(request.stream(), root / "uploads", name, max_upload_bytes)
+            chunks = serve.body_chunks(request, max_upload_bytes, uploads.TooLarge)
+            p = await uploads.save(chunks, root / "uploads", name, max_upload_bytes)
         except uploads.TooLarge:
             return JSONResponse({"error": f"the file is larger than the upload limit ({max_upload_bytes / 2**20:.0f} MiB)",
                                  "hint": "type the file's path on this machine instead"}, status_code=413)
