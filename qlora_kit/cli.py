@@ -163,10 +163,7 @@ def _launch_parallel(resolved, run_dir: Optional[Path], gpus: Optional[int], cpu
     made = run_dir is None or not run_dir.exists()
     target = run_dir or rundir.new_run_dir(resolved.output_dir, resolved.name, None)
     with tempfile.TemporaryDirectory(prefix="qlora-kit-launch-") as tmp:
-        recipe_file = Path(tmp) / f"{resolved.name}.yaml"
-        recipe_file.write_text(resolved.to_yaml(), encoding="utf-8")
-        argv = [str(recipe_file), "--run-dir", str(target)] + (["--force"] if force else []) + \
-            (["--auto-batch"] if auto_batch else [])
+        argv = _worker_argv(resolved, Path(tmp), target, force, auto_batch)
         threads = max(1, (os.cpu_count() or 2) // n) if cpu_processes else None
         code = distributed.launch(argv, n, "fsdp" if fsdp else "ddp", cpu_threads=threads)
     if code == 0:
@@ -176,6 +173,17 @@ def _launch_parallel(resolved, run_dir: Optional[Path], gpus: Optional[int], cpu
     else:
         distributed.mark_failed(Path(target), code)
     return code
+
+
+def _worker_argv(resolved, folder: Path, target: Path, force: bool, auto_batch: bool) -> list[str]:
+    """`train` arguments for each data-parallel worker: the resolved recipe (written into `folder`)
+    and this command line's grants, which a recipe file alone may not give (_refuse_recipe_grants)."""
+    from .recipe import Grants
+
+    recipe_file = folder / f"{resolved.name}.yaml"
+    recipe_file.write_text(resolved.to_yaml(), encoding="utf-8")
+    return [str(recipe_file), "--run-dir", str(target)] + (["--force"] if force else []) + \
+        (["--auto-batch"] if auto_batch else []) + Grants(resolved.trust_remote_code, resolved.allow_pickle).flags()
 
 
 @app.command("plan")

@@ -97,3 +97,22 @@ def test_merge_and_generate_reject_non_run_dirs(tmp_path):
     assert_user_error(run(["merge", str(tmp_path)]), "not a qlora-kit run directory")
     assert_user_error(run(["merge", str(tmp_path / "x")]), "run directory not found")
     assert_user_error(run(["generate", str(tmp_path), "-p", "hi"]), "neither a qlora-kit run directory")
+
+
+def test_data_parallel_workers_get_the_launchers_grants(tmp_path, qa_file):
+    """--gpus/--cpu-processes: each worker runs `train` on the launcher's resolved recipe file. A
+    grant the launcher's command line gave reaches the workers' command line (a recipe file alone
+    cannot grant it: the workers would refuse with exit 2)."""
+    import yaml
+
+    from qlora_kit import cli, recipe
+
+    for grant, field in (("--allow-pickle", "allow_pickle"), ("--trust-remote-code", "trust_remote_code")):
+        resolved, _ = recipe.resolve("legal", [], {"base_model": "builtin:tiny", "data.path": str(qa_file), field: True})
+        argv = cli._worker_argv(resolved, tmp_path, tmp_path / "run", False, False)
+        assert grant in argv
+        r = run(["train", *argv, "--dry-run"])
+        assert r.returncode == 0, r.stderr
+        assert yaml.safe_load(r.stdout)[field] is True
+    resolved, _ = recipe.resolve("legal", [], {"base_model": "builtin:tiny", "data.path": str(qa_file)})
+    assert not {"--allow-pickle", "--trust-remote-code"} & set(cli._worker_argv(resolved, tmp_path, tmp_path / "r", False, False))
