@@ -257,12 +257,7 @@ def _check_answers(msgs: Conversation, where: str, name) -> None:
 
 def to_conversation(rec: dict, layout: str, where: str, mapping: dict[str, str]) -> Conversation:
     msgs: Conversation = []
-    if mapping.get("messages"):
-        layout = "messages"
-    elif mapping.get("question") or mapping.get("answer"):
-        layout = "question-answer"
-    elif layout == "mapped":  # only tools/system named: the row's own layout
-        layout = detect_layout(rec)
+    layout = _shape(rec, layout, mapping)
     if layout == "dialogue":
         msgs = [{"role": r, "content": c} for r, c in rec["__turns__"]]
         _check_answers(msgs, where, lambda i: f"turn {i + 1}")
@@ -455,10 +450,6 @@ class _Questions:
                                 + (f" (nor {', '.join('{' + n + '}' for n in unknown[1:])})" if unknown[1:] else ""),
                                 self.hint())
 
-    @property
-    def what(self) -> str:
-        return rowtemplate.OPTION if self.template is not None else f"the template column '{self.column}' (--columns template=)"
-
     def hint(self) -> str:
         return (f"columns available: {', '.join(self.columns)}; {{question}}, {{answer}}, {{system}} and {{input}} also "
                 f"name the columns mapped to those fields; {rowtemplate.BRACES}")
@@ -495,7 +486,8 @@ class _Questions:
 
 
 def _shape(rec: dict, layout: str, mapping: dict[str, str]) -> str:
-    """The layout to_conversation reads a row as (a mapping wins over detection)."""
+    """The layout to_conversation reads a row as: a mapping wins over detection; a mapping that
+    names only tools/system ("mapped") leaves the row's own layout."""
     if mapping.get("messages"):
         return "messages"
     if mapping.get("question") or mapping.get("answer"):
