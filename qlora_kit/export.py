@@ -134,11 +134,6 @@ def _check_free(out: Path) -> None:
         raise UserError(f"output {out} already exists", "pass another --out or delete it")
 
 
-def _share(path: Path, mode: int) -> None:
-    # mkstemp/mkdtemp create owner-only files; exports are meant to be copied and shared
-    rundir.share(path, mode)
-
-
 # --- GGUF -----------------------------------------------------------------------------------------
 
 
@@ -589,7 +584,7 @@ def write_gguf(model_dir: Path, src: Source, arch: str, out: Path, dtype: str) -
             w.write_tensor_data(data)
             del data, full
         w.close()
-        _share(tmp, 0o666)
+        rundir.share(tmp)  # mkstemp makes 0600; exports are meant to be copied and shared
         os.replace(tmp, out)
     except BaseException:
         w.close()
@@ -647,22 +642,13 @@ def export_peft(path: Path, out: str | Path | None) -> dict:
         # vLLM renders prompts with the base model's template unless told otherwise
         serve += f" --chat-template {out.resolve() / 'chat_template.jinja'}"
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        _share(tmp, 0o777)
+    with rundir.publishing(out) as tmp:
         shutil.copyfile(adapter / "adapter_model.safetensors", tmp / "adapter_model.safetensors")
         (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
         for f in sorted(tok_dir.iterdir()) if tok_dir.is_dir() else []:
             if f.is_file():
                 shutil.copyfile(f, tmp / f.name)
         (tmp / "README.md").write_text(_peft_readme(info, base, name, serve, template_source, warnings), encoding="utf-8")
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     files = sorted(p.name for p in out.iterdir())
     console.print(f"export: wrote {out} ({len(files)} files)\n  serve: {serve}")
     for w in warnings:

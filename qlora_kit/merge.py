@@ -187,21 +187,12 @@ def run(run_dir: str | Path, out: str | Path | None = None, dtype: str = "bf16",
                       highlight=False)
 
     # 4. write atomically: a temporary folder renamed into place
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with rundir.publishing(out) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)
-        rundir.share_tree(tmp)  # the safetensors writer makes owner-only files
         report.update(run_dir=str(run_dir.resolve()), adapter=str(adapter.resolve()), base_model=info["base_model"],
                       created=rundir.now())
         (tmp / "qlora_kit_merge.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     report["out"] = str(out)
     return report
 
@@ -389,11 +380,7 @@ def combine(specs: list[str], out: str | Path, method: str = "linear", density: 
     quiet_libraries()
 
     first_run = rundir.resolve(first.run)[0]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
+    with rundir.publishing(out) as tmp:
         console.print(f"merge: combining {len(parts)} adapters with PEFT ({method}) on the 4-bit base")
         cfg = _combined_adapter(parts, method, density, first.recipe, tmp / rundir.ADAPTER)
         shutil.copytree(first_run / rundir.TOKENIZER, tmp / rundir.TOKENIZER)
@@ -412,13 +399,6 @@ def combine(specs: list[str], out: str | Path, method: str = "linear", density: 
                                  "warnings": warnings})
         rundir.write_json(tmp / "run.json", info)
         rundir.write_atomic(tmp / "README.md", _combination_card(out, info))
-        rundir.share_tree(tmp)  # the safetensors writer makes owner-only files
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     report = {"run_dir": str(out), "combination": info["combination"], "out": str(out)}
     if adapter_only:
         console.print(f"merge: wrote the combined adapter as the run directory {out}")

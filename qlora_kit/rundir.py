@@ -21,8 +21,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import tempfile
 import threading
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -74,6 +76,28 @@ def share_tree(folder) -> None:
         for f in files:
             share(Path(root) / f)
     share(folder, 0o777)
+
+
+@contextmanager
+def publishing(out):
+    """Build the folder `out` (absent or empty) in a hidden sibling, yielded, and rename it into place
+    when the block ends without an exception: no reader ever sees it half-written, and on an
+    exception the sibling is removed. Its files get the modes open() would give (share_tree). The
+    sibling's name is fixed, so a retry removes what a killed attempt left (gigabytes for a merge)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        yield tmp
+        share_tree(tmp)  # the safetensors writer makes owner-only files
+        if out.exists():
+            out.rmdir()  # empty: callers refuse a non-empty `out` before doing any work
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def write_atomic(path: Path, text: str) -> None:
