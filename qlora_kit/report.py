@@ -102,6 +102,14 @@ def _ask_to_grade(sheet: Path | None) -> str:
             f"it says which answer is which), then run qlora-kit eval {sheet.parent} --grades GRADED_FILE (one per grader).")
 
 
+def _agreement(a: dict) -> str:
+    """The agreement sentence of the report (markdown and HTML alike)."""
+    return ("Agreement between graders (1 = perfect, 0 = chance): Krippendorff's alpha on preferences "
+            f"{grades.num(a['alpha_preference_nominal'])} (nominal), on grades {grades.num(a['alpha_grades_interval'])} (interval)"
+            + (f"; Cohen's kappa on preferences {grades.num(a['cohen_kappa_preference'])} ({a['units_both']} rows)"
+               if "cohen_kappa_preference" in a else "") + ".")
+
+
 def grading_markdown(g: dict) -> list[str]:
     m = g["models"]
     lines = ["## Human grades (blind)", "",
@@ -118,10 +126,7 @@ def grading_markdown(g: dict) -> list[str]:
                   f"{p['prefers_tie']} | {p['prefers_base']} |" for p in g["per_grader"]]
     a = g.get("agreement")
     if a:
-        lines += ["", "Agreement between graders (1 = perfect, 0 = chance): Krippendorff's alpha on preferences "
-                  f"{grades.num(a['alpha_preference_nominal'])} (nominal), on grades {grades.num(a['alpha_grades_interval'])} (interval)"
-                  + (f"; Cohen's kappa on preferences {grades.num(a['cohen_kappa_preference'])} ({a['units_both']} rows)"
-                     if "cohen_kappa_preference" in a else "") + "."]
+        lines += ["", _agreement(a)]
         if g["disagreements"]:
             lines += ["", "### Rows the graders disagree on", "", "| id | where | question | grades (base/tuned, preferred) |",
                       "|---|---|---|---|"]
@@ -149,10 +154,7 @@ def grading_html(g: dict) -> str:
                        for p in g["per_grader"]) + "</table>")
     a = g.get("agreement")
     if a:
-        out.append(f"<p>Agreement between graders (1 = perfect, 0 = chance): Krippendorff's alpha on preferences "
-                   f"{grades.num(a['alpha_preference_nominal'])} (nominal), on grades {grades.num(a['alpha_grades_interval'])}"
-                   " (interval)" + (f"; Cohen's kappa on preferences {grades.num(a['cohen_kappa_preference'])} "
-                                    f"({a['units_both']} rows)" if "cohen_kappa_preference" in a else "") + ".</p>")
+        out.append(f"<p>{_agreement(a)}</p>")  # numbers and fixed words only: nothing to escape
         if g["disagreements"]:
             out.append("<h3>Rows the graders disagree on</h3><table><tr><th>id</th><th>question</th>"
                        "<th>grades (base/tuned, preferred)</th></tr>" + "".join(
