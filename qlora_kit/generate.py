@@ -212,10 +212,17 @@ class Engine:
             msgs.insert(0, {"role": "system", "content": sp})
         return msgs + [{"role": "user", "content": question}]
 
+    def prompt_ids(self, messages: list[dict], adapter: str | None):
+        """The prompt as the model reads it (a 1 x n tensor): `messages` rendered with the adapter's
+        stored chat template, tokenized. Template errors propagate (jinja2's TemplateError)."""
+        a = self.template_for(adapter)
+        text = a.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return a.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+
     def generate(self, messages: list[dict], max_new_tokens: int = 256, on_text=None, *, adapter=CURRENT,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                  stop: list[str] | None = None, cancel: threading.Event | None = None,
-                 constraint=None) -> Result:
+                 constraint=None, prompt_ids=None) -> Result:
         """Complete the last user turn; `on_text(str)` receives the answer as it streams.
 
         `adapter`: a name, None for the base model, or CURRENT (what `use()` selected); it is
@@ -226,6 +233,8 @@ class Engine:
         An exception from `on_text` stops the generation and propagates; the lock is released.
         `constraint` (structured.Constraint): the answer is JSON matching it, finished within
         max_new_tokens when the schema allows (else finish_reason "length").
+        `prompt_ids`: `prompt_ids(messages, adapter)` when the caller has it already (serve counts
+        the prompt to admit a request), so a long prompt is not tokenized a second time.
         """
         import contextlib
 
@@ -238,8 +247,7 @@ class Engine:
         with self.lock:  # one generation at a time on the shared model, adapter chosen inside
             name = self.active if adapter is CURRENT else adapter
             a = self.template_for(name)
-            text = a.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            ids = a.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids.to(self.model.device)
+            ids = (self.prompt_ids(messages, name) if prompt_ids is None else prompt_ids).to(self.model.device)
             n_prompt = int(ids.shape[1])
             if cancel is not None and cancel.is_set():
                 return Result("", 0, 0.0, n_prompt, "cancelled")

@@ -92,6 +92,7 @@ class ChatRequest:
     stream: bool = False
     include_usage: bool = False
     prompt_tokens: int = 0  # counted after admission (Service._admit): tokenizing is the costly part
+    prompt_ids: object = None  # the tokenized prompt (Engine.prompt_ids), handed to the Engine: tokenized once
     max_tokens_param: str = "max_tokens"  # or max_completion_tokens: the field an error names
     constraint: object = None  # structured.Constraint from response_format: JSON (matching a schema) only
 
@@ -431,22 +432,17 @@ class Service:
 
     def _measure(self, req: ChatRequest) -> None:
         """Render and count the prompt (template errors are a 400), refusing what does not fit."""
-        a = self.engine.template_for(req.adapter)
-        req.prompt_tokens = self._prompt_tokens(a, req.messages)
+        from jinja2.exceptions import TemplateError
+
+        try:
+            req.prompt_ids = self.engine.prompt_ids(req.messages, req.adapter)
+        except TemplateError as e:
+            raise _bad(f"the model's chat template refused these messages: {e}", "messages") from e
+        req.prompt_tokens = int(req.prompt_ids.shape[1])
         if self.context and req.prompt_tokens + req.max_tokens > self.context:
             raise _bad(f"This model's maximum context length is {self.context} tokens; the messages take "
                        f"{req.prompt_tokens} and {req.max_tokens_param} asks for {req.max_tokens} more", "messages",
                        "context_length_exceeded")
-
-    @staticmethod
-    def _prompt_tokens(a, msgs: list[dict]) -> int:
-        from jinja2.exceptions import TemplateError
-
-        try:
-            text = a.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        except TemplateError as e:
-            raise _bad(f"the model's chat template refused these messages: {e}", "messages") from e
-        return len(a.tokenizer(text, add_special_tokens=False).input_ids)
 
     # --- admission
 
@@ -496,7 +492,7 @@ class Service:
         try:
             res = self.engine.generate(req.messages, req.max_tokens, on_text, adapter=req.adapter,
                                        temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=req.stop,
-                                       cancel=cancel, constraint=req.constraint)
+                                       cancel=cancel, constraint=req.constraint, prompt_ids=req.prompt_ids)
             outcome = "cancelled" if res.finish_reason == "cancelled" else "completed"
             log.info("%s%s: %d prompt + %d new tokens in %.2f s (%s)", req.model, " (stream)" if on_text else "",
                      res.prompt_tokens, res.new_tokens, res.seconds, res.finish_reason)

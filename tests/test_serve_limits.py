@@ -250,6 +250,7 @@ def test_a_flood_of_big_prompts_gets_429_before_any_tokenizing(engine, renders):
         for t in waiting:
             t.join(120)
         assert [st for st, _ in done] == [200, 200] and svc.inflight == 0
+        assert len(renders) == rendered  # the Engine generated from the prompts tokenized at admission
         assert svc.stats["rejected"] == 13
     finally:
         s.stop()
