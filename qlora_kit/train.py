@@ -138,6 +138,10 @@ def trainer_class():
     from .fastpath import FastStepMixin
 
     class Trainer(FastStepMixin, SFTTrainer):
+        def create_optimizer(self, *args, **kwargs):
+            _forget_bnb_overrides()
+            return super().create_optimizer(*args, **kwargs)
+
         def create_scheduler(self, num_training_steps: int, optimizer=None):
             if self.lr_scheduler is None:
                 self.lr_scheduler = lr_schedule(optimizer or self.optimizer, self.args, num_training_steps)
@@ -145,6 +149,22 @@ def trainer_class():
             return self.lr_scheduler
 
     return Trainer
+
+
+def _forget_bnb_overrides() -> None:
+    """bitsandbytes keeps per-parameter optimizer overrides in a process-wide singleton, keyed by
+    position in the parameter groups and by id(), and the Trainer adds one (32-bit state) for every
+    embedding it trains. A previous run in the same process (tests, benchmarks, a notebook) leaves
+    them behind: this run's first LoRA tensor then got 32-bit state by position, and the old
+    models stayed alive. Each optimizer starts from an empty manager; the Trainer re-registers
+    this run's own embeddings right after."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return
+    from bitsandbytes.optim import GlobalOptimManager
+
+    GlobalOptimManager.get_instance().initialize()
 
 
 def fsdp_args(recipe: Recipe, checkpointing: bool = True) -> dict:

@@ -179,3 +179,29 @@ def test_merge_shards_big_models(tiny_run, tmp_path):
     sharded = AutoModelForCausalLM.from_pretrained(tmp_path / "sharded").eval()
     diff = (_logits(sharded, tok, PROBE) - _logits(_plain_peft(run_dir), tok, PROBE)).abs().max().item()
     assert diff < 1e-3
+
+
+def test_optimizer_state_not_inherited_from_an_earlier_run_in_this_process(tiny_dir, qa_file, tmp_path):
+    """An earlier run in the same process that trained an embedding leaves bitsandbytes' process-wide
+    overrides behind (32-bit state for parameter (0, 0)); this run's LoRA tensors still get the
+    8-bit state that `qlora-kit plan` counts."""
+    import bitsandbytes as bnb
+    from transformers import TrainerCallback
+
+    mng = bnb.optim.GlobalOptimManager.get_instance()
+    mng.index2config[(0, 0)] = {"optim_bits": 32}  # as the Trainer leaves it after training an embedding
+
+    class States(TrainerCallback):
+        dtypes: dict = {}
+
+        def on_step_end(self, args, state, control, optimizer=None, **kw):
+            for g, group in enumerate(optimizer.param_groups):
+                for i, p in enumerate(group["params"]):
+                    st = optimizer.state.get(p, {})
+                    if "state1" in st and p.numel() >= 4096:
+                        States.dtypes[g, i] = st["state1"].dtype
+
+    rec = make_recipe(str(tiny_dir), qa_file, max_steps=1, eval_steps=1000, save_steps=1000)
+    rec = rec.model_copy(update={"lora": rec.lora.model_copy(update={"r": 64, "lora_alpha": 128})})  # 64 x 64: 8-bit size
+    train.run(rec, str(tmp_path / "run"), [States()])
+    assert States.dtypes and set(States.dtypes.values()) == {torch.uint8}, States.dtypes
