@@ -575,6 +575,13 @@ def load(path, system_prompt: str | None = None, columns: dict[str, str] | None 
     return out
 
 
+def load_recipe_data(d, path=None, skip_bad: bool | None = None) -> Dataset:
+    """load() with every data setting of a recipe (`recipe.data`), so a new setting reaches data
+    check, eval and merge alike; `path` and `skip_bad` replace the recipe's own."""
+    return load(d.path if path is None else path, d.system_prompt, d.columns,
+                d.skip_bad if skip_bad is None else skip_bad, d.question_template)
+
+
 def _load_file(p: Path, system_prompt: str | None, mapping: dict[str, str], question_template: str | None) -> Dataset:
     """One file -> a Dataset with its bad rows listed (not raised: load() reports every file's)."""
     r = readers.read(p)

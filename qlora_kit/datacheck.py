@@ -173,7 +173,7 @@ def conversations(prep: Prepared, recipe: Recipe) -> list:
 
 def _check(recipe: Recipe, key: str) -> Prepared:
     d = recipe.data
-    ds = data_mod.load(d.path, d.system_prompt, d.columns, d.skip_bad, d.question_template)
+    ds = data_mod.load_recipe_data(d)
     convs, wheres, source_of = ds.conversations, ds.wheres, ds.source_of
     warnings: list[str] = []
     report: dict = {

@@ -30,8 +30,7 @@ def held_out(run_dir: Path, recipe, data_file: str | None):
     from . import datacheck
 
     if data_file:
-        ds = data_mod.load(data_file, recipe.data.system_prompt, recipe.data.columns, recipe.data.skip_bad,
-                           recipe.data.question_template)
+        ds = data_mod.load_recipe_data(recipe.data, data_file)
         return ds.conversations, ds.wheres
     prep = datacheck.prepare(recipe)
     if not prep.eval_idx:

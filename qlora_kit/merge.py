@@ -55,8 +55,7 @@ def probe_texts(run_dir: Path, tokenizer, recipe, n: int = 4) -> list[str]:
         return texts or FALLBACK_PROBES
     path = Path(info.get("data", {}).get("path", ""))
     try:
-        ds = data_mod.load(path, recipe.data.system_prompt, recipe.data.columns, skip_bad=True,
-                           question_template=recipe.data.question_template)
+        ds = data_mod.load_recipe_data(recipe.data, path, skip_bad=True)
         return [render(tokenizer, c) for c in ds.conversations[:n]]
     except (UserError, OSError):
         return FALLBACK_PROBES
