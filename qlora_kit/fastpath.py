@@ -279,16 +279,21 @@ def _build_keep(original, dequantize_4bit):
 # --- threads ------------------------------------------------------------------------------------------
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (`os.sched_getaffinity`: a container's or taskset's share,
+    not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
 def set_threads() -> dict:
-    """torch intra-op threads = the cores this process may run on (`os.sched_getaffinity`: a
-    container's or taskset's share, not the machine's count), or an explicit OMP_NUM_THREADS;
-    inter-op threads 1 (a training step has no independent ops to overlap). Returns what was set."""
+    """torch intra-op threads = usable_cores(), or an explicit OMP_NUM_THREADS; inter-op threads 1
+    (a training step has no independent ops to overlap). Returns what was set."""
     import torch
 
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not Linux
-        cores = os.cpu_count() or 1
+    cores = usable_cores()
     env = os.environ.get("OMP_NUM_THREADS", "").strip()
     if env.isdigit() and int(env) > 0:
         threads, source = int(env), "OMP_NUM_THREADS"
