@@ -19,6 +19,7 @@ from transformers import TrainerCallback
 
 from .errors import UserError
 from .rundir import COMPLETE as MARKER
+from .rundir import checkpoint_step as _step
 
 
 class RunStopped(UserError):
@@ -27,13 +28,6 @@ class RunStopped(UserError):
     def __init__(self, message: str, hint: str | None = None, exit_code: int = 1):
         super().__init__(message, hint)
         self.exit_code = exit_code
-
-
-def _step(p: Path) -> int:
-    try:
-        return int(p.name.rsplit("-", 1)[1])
-    except (IndexError, ValueError):
-        return -1
 
 
 def last_complete_checkpoint(checkpoints: Path, console=None, remove: bool = True) -> Path | None:

@@ -177,9 +177,18 @@ def is_run_path(p: Path) -> bool:
     return is_run_dir(Path(p)) or is_checkpoint(Path(p))
 
 
-def _complete_checkpoints(run_dir: Path) -> list[str]:
-    found = [c for c in (run_dir / CHECKPOINTS).glob("checkpoint-*") if (c / COMPLETE).is_file()]
-    return [c.name for c in sorted(found, key=lambda c: int(c.name.rsplit("-", 1)[1]) if c.name.rsplit("-", 1)[1].isdigit() else -1)]
+def checkpoint_step(p) -> int:
+    """N of a checkpoint-N folder (-1 for another name): checkpoints sort by it."""
+    try:
+        return int(Path(p).name.rsplit("-", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def complete_checkpoints(run_dir: Path) -> list[str]:
+    """The names of the run's complete checkpoints (with their COMPLETE marker), oldest first."""
+    found = [c for c in (Path(run_dir) / CHECKPOINTS).glob("checkpoint-*") if (c / COMPLETE).is_file()]
+    return [c.name for c in sorted(found, key=checkpoint_step)]
 
 
 def resolve(path) -> tuple[Path, Path]:
@@ -188,14 +197,14 @@ def resolve(path) -> tuple[Path, Path]:
     may hold a partial adapter)."""
     p = Path(path)
     if p.name == CHECKPOINTS and is_run_dir(p.parent):
-        done = _complete_checkpoints(p.parent)
+        done = complete_checkpoints(p.parent)
         raise UserError(f"{p} holds several checkpoints; pass one of them, or the run directory {p.parent}",
                         f"complete checkpoints: {', '.join(done)}" if done else "this run has no complete checkpoint")
     if not is_checkpoint(p):
         return p, require_adapter(p)
     run = p.parent.parent
     if not (p / COMPLETE).is_file():
-        done = _complete_checkpoints(run)
+        done = complete_checkpoints(run)
         raise UserError(f"{p} is not a complete checkpoint (no {COMPLETE}: it was being written when training stopped, "
                         "so its adapter may be partial)",
                         f"use a complete one ({', '.join(done)}) or the run directory {run}" if done

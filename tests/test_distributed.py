@@ -75,8 +75,8 @@ def ddp(setup):
     first.send_signal(signal.SIGINT)
     out1, err1 = first.communicate(timeout=180)
     info1 = json.loads((run_dir / "run.json").read_text())
-    ckpts1 = sorted(p.name for p in (run_dir / "checkpoints").glob("checkpoint-*")
-                    if (p / "qlora_kit_complete.json").is_file())
+    ckpts1 = sorted((p.name for p in (run_dir / "checkpoints").glob("checkpoint-*")
+                     if (p / "qlora_kit_complete.json").is_file()), key=lambda n: int(n.rsplit("-", 1)[1]))  # 8 < 10
     second = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp, timeout=300)
     return {"dir": run_dir, "rc1": first.returncode, "out1": out1, "err1": err1, "status1": info1["status"],
             "ckpts1": ckpts1, "rc2": second.returncode, "out2": second.stdout, "err2": second.stderr}

@@ -212,15 +212,6 @@ def create_app(runs_dir: Path, token: str | None = None, max_upload_bytes: int =
             out.append({"rel": p.relative_to(d).as_posix(), "dir": p.is_dir(), "bytes": size})
         return out
 
-    def checkpoints(d: Path) -> list[str]:
-        from ..resilience import MARKER
-
-        c = d / rundir.CHECKPOINTS
-        if not c.is_dir():
-            return []
-        done = [p.name for p in c.glob("checkpoint-*") if (p / MARKER).is_file()]
-        return sorted(done, key=lambda n: int(n.rsplit("-", 1)[1]) if n.rsplit("-", 1)[1].isdigit() else -1)
-
     @api.get("/api/run")
     def run_detail(name: str):
         d = run_path(name)
@@ -250,7 +241,7 @@ def create_app(runs_dir: Path, token: str | None = None, max_upload_bytes: int =
                                                     "best_checkpoint", "stopped_early", "warning")},
             "readme": text(d / "README.md"), "recipe_yaml": text(d / "recipe.yaml"),
             "report": (d / "report.html").is_file(), "eval": (ev or {}).get("summary"),
-            "artifacts": artifacts(d), "checkpoints": checkpoints(d),
+            "artifacts": artifacts(d), "checkpoints": rundir.complete_checkpoints(d),
             "resume_command": jobs.shown(resume_argv(name, d)),
             "stopping": summary.get("status") == "running" and stopping.get(name) == summary.get("pid"),
         }
