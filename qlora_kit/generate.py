@@ -273,8 +273,7 @@ class Engine:
             sink = _StopFilter(on_text, stop) if (on_text is not None and stop) else on_text
             if sink is not None:
                 # runs in this thread, inside generate(): nothing can be left blocked on a queue
-                # JSON has no spaces to break words at: stream it token by token instead
-                kwargs["streamer"] = _streamer_class()(a.tokenizer, sink, eager=True)  # a client sees each token, not each word
+                kwargs["streamer"] = _streamer_class()(a.tokenizer, sink)
             base_off = self.model.disable_adapter() if (name is None and self.kind == "adapter") else contextlib.nullcontext()
             with base_off, torch.no_grad():
                 if seed is not None and kwargs["do_sample"]:
@@ -302,18 +301,19 @@ def _streamer_class():
     from transformers import TextStreamer
 
     class CallbackStreamer(TextStreamer):
-        """TextStreamer's incremental decoding (whole words, whole UTF-8 characters), handed to a
-        callback instead of stdout or a queue."""
+        """TextStreamer's incremental decoding handed to a callback instead of stdout or a queue, and
+        token by token rather than word by word: a client sees each token as it comes, and JSON has
+        no spaces to break words at."""
 
-        def __init__(self, tokenizer, on_text, eager: bool = False):
+        def __init__(self, tokenizer, on_text):
             super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
-            self._on_text, self._eager = on_text, eager
+            self._on_text = on_text
 
         def put(self, value):
-            """eager: each token's text at once, except a trailing partial character (bytes still to
-            come) or trailing whitespace (a clean-up may yet drop it before punctuation)."""
-            if not self._eager or (self.skip_prompt and self.next_tokens_are_prompt):
-                return super().put(value)
+            """Each token's text at once, except a trailing partial character (bytes still to come)
+            or trailing whitespace (a clean-up may yet drop it before punctuation)."""
+            if self.skip_prompt and self.next_tokens_are_prompt:
+                return super().put(value)  # skips the prompt
             self.token_cache.extend(value.reshape(-1).tolist())
             text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
             stable = len(text.rstrip("\ufffd").rstrip())
