@@ -28,13 +28,15 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-f
 # Small batches and a log line per step. A tiny-model step takes 0.2 s on an idle machine and 2 s on a
 # busy one: 40 steps leave Stop time to land mid-run on the first and finish after Resume on the second.
 # Stop itself saves a checkpoint; save_steps 8 makes one exist in any case.
-MAX_STEPS = 40
+# long enough that the browser still sees it training when it clicks Stop (40 steps of the tiny
+# model finished before the Stop button was looked for once training got faster)
+MAX_STEPS = 200
 EXTRA = """data.system_prompt=你是律师。
 training.per_device_train_batch_size=2
 training.gradient_accumulation_steps=1
 training.logging_steps=1
-training.eval_steps=8
-training.save_steps=8"""
+training.eval_steps=25
+training.save_steps=25"""
 SHOTS = Path(__file__).resolve().parent / "artifacts" / "ui"
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
