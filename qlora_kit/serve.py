@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import ipaddress
 import json
 import logging
 import math
@@ -40,6 +39,8 @@ from starlette.requests import Request
 
 from . import rundir
 from .errors import UserError
+from .net import check_serve_bind as check_bind  # check_bind: the name serve's main and its tests use
+from .net import read_body
 
 if TYPE_CHECKING:
     import fastapi
@@ -53,7 +54,6 @@ MAX_STOP = 4  # OpenAI's limit on stop strings
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_BODY = 8 << 20
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes an int64
-MIN_API_KEY = 16  # as the web UI's token: off loopback a key is all that stands between a network and the models
 
 
 # --- errors -----------------------------------------------------------------------------------------
@@ -557,34 +557,6 @@ def _too_large(limit: int) -> ApiError:
                     "request_too_large", {"Connection": "close"})
 
 
-def body_chunks(request, limit: int, too_large):
-    """The body's chunks (an async iterator), refused with `raise too_large()` at once by its
-    Content-Length, before any of it is read, or, when it is streamed (chunked), as soon as it passes
-    `limit`. For every body a client may send, here and in the web UI: neither Starlette nor uvicorn
-    limits a body's size (uvicorn does answer a Content-Length that is not digits with 400 itself)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.strip().isdigit() and int(declared) > limit:
-        raise too_large()
-
-    async def capped():
-        seen = 0
-        async for chunk in request.stream():
-            seen += len(chunk)
-            if seen > limit:
-                raise too_large()
-            yield chunk
-
-    return capped()
-
-
-async def read_body(request, limit: int, too_large) -> bytearray:
-    """The whole body (see body_chunks): memory never holds more than `limit`."""
-    buf = bytearray()
-    async for chunk in body_chunks(request, limit, too_large):
-        buf += chunk
-    return buf
-
-
 async def _disconnected(request) -> None:
     # the body has been read, so the next message is the disconnect (if the client goes away)
     while (await request.receive())["type"] != "http.disconnect":
@@ -762,33 +734,6 @@ def parse_runs(runs: list[str]) -> dict[str, Path]:
     if BASE in out:
         raise UserError(f"'{BASE}' is reserved for the base model", f"serve that run under another name: NAME={out[BASE]}")
     return out
-
-
-def is_loopback(host: str) -> bool:
-    """127.0.0.0/8, ::1 (bracketed or not) or localhost: reachable from this machine only."""
-    h = host.strip().strip("[]")
-    if h == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(h).is_loopback
-    except ValueError:
-        return False
-
-
-def check_bind(host: str, api_key: str | None) -> None:
-    """Off loopback anyone who can reach the port could use the models and read every adapter's
-    system prompt (/v1/models): refuse to start without a key that cannot be guessed."""
-    if is_loopback(host):
-        return
-    hint = ("write a secret of 16+ characters into a file and pass --api-key-file FILE, e.g. "
-            "`python -c 'import secrets; print(secrets.token_urlsafe(32))' > serve.key`; or keep the default "
-            "--host 127.0.0.1 and reach it through an SSH tunnel")
-    if not api_key:
-        raise UserError(f"refusing to serve on {host} without an API key: anyone who can reach it could use the "
-                        "models and read their system prompts", hint)
-    if len(api_key) < MIN_API_KEY:
-        raise UserError(f"refusing to serve on {host} with an API key of {len(api_key)} characters: off this machine "
-                        f"it needs at least {MIN_API_KEY}", hint)
 
 
 @dataclass

@@ -25,7 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
-from .. import rundir, serve
+from .. import net, rundir
 from ..errors import UserError
 from . import downloads, jobs, newrun, runs, security, uploads
 from .chatting import Chat
@@ -118,7 +118,7 @@ def create_app(runs_dir: Path, token: str | None = None, max_upload_bytes: int =
     async def body_json(request: Request) -> dict:
         """The JSON object a page sent: 413 past MAX_JSON, by its Content-Length before reading a byte,
         and while reading a body sent without one."""
-        raw = await serve.read_body(request, MAX_JSON, lambda: TooLarge(
+        raw = await net.read_body(request, MAX_JSON, lambda: TooLarge(
             f"the request is larger than {MAX_JSON >> 10} KiB", "send a shorter question or form"))
         try:
             v = json.loads(bytes(raw) or b"{}", parse_constant=_no_constants)
@@ -285,7 +285,7 @@ def create_app(runs_dir: Path, token: str | None = None, max_upload_bytes: int =
     async def upload(request: Request, name: str):
         uploads.safe_name(name)  # refused before a byte is read
         try:
-            chunks = serve.body_chunks(request, max_upload_bytes, uploads.TooLarge)
+            chunks = net.body_chunks(request, max_upload_bytes, uploads.TooLarge)
             p = await uploads.save(chunks, root / "uploads", name, max_upload_bytes)
         except uploads.TooLarge:
             return JSONResponse({"error": f"the file is larger than the upload limit ({max_upload_bytes / 2**20:.0f} MiB)",

@@ -1,7 +1,7 @@
 """Who may talk to the UI, and what a browser may do with it.
 
     bind        127.0.0.1 by default; any other address needs a token (a run can read any file the
-                user can, and start processes), so `check_bind` refuses to start without one
+                user can, and start processes), so `check_bind` (net.check_ui_bind) refuses to start without one
     auth        a token, sent as `Authorization: Bearer T` (scripts) or as the session cookie the
                 login form sets (HttpOnly, SameSite=Strict: page scripts cannot read it, other
                 sites cannot send it). The cookie is a random id this process remembers, with an
@@ -27,11 +27,12 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from ..errors import UserError
-from ..serve import is_loopback
+from ..net import MIN_SECRET
+from ..net import check_ui_bind as check_bind  # check_bind: the name ui.app.main and the tests use
 
 COOKIE = "qlora_kit_session"
 CSRF_HEADER = "x-csrf-token"
-MIN_TOKEN = 16
+MIN_TOKEN = MIN_SECRET
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
@@ -67,16 +68,6 @@ def check_token(token: str, where: str = "the token") -> None:
     if len(token) < MIN_TOKEN or any(c.isspace() for c in token):
         raise UserError(f"{where}: a token needs at least {MIN_TOKEN} characters and no spaces",
                         "generate one: python -c 'import secrets; print(secrets.token_urlsafe(32))'")
-
-
-def check_bind(host: str, token: str | None) -> None:
-    """Anything but loopback is reachable from other machines: refuse it without a token."""
-    if token is None and not is_loopback(host):
-        raise UserError(
-            f"refusing to listen on {host} without a token: anyone who can reach this address could read your "
-            "data and start processes as you",
-            "pass --token-file FILE (a secret of 16+ characters; the login page asks for it), or use the default "
-            "--host 127.0.0.1 and reach it through an SSH tunnel (ssh -L 7860:127.0.0.1:7860 HOST)")
 
 
 class Sessions:
