@@ -15,9 +15,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from . import rundir
-from .errors import UserError
-from .recipe import Recipe
+from .. import rundir
+from ..errors import UserError
+from ..recipe import Recipe
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -28,9 +28,9 @@ def sft_config(recipe: Recipe, run_dir: Path, has_eval: bool, fast=None):
     import torch
     from trl import SFTConfig
 
-    from .model import compute_dtype, has_gpu
+    from ..model import compute_dtype, has_gpu
 
-    from . import distributed, fastpath
+    from .. import distributed, fastpath
 
     t = recipe.training
     if fast is None:
@@ -135,7 +135,7 @@ def trainer_class():
     every other part of the Trainer is the library's."""
     from trl import SFTTrainer
 
-    from .fastpath import FastStepMixin
+    from ..fastpath import FastStepMixin
 
     class Trainer(FastStepMixin, SFTTrainer):
         def create_optimizer(self, *args, **kwargs):
@@ -186,13 +186,13 @@ def fsdp_args(recipe: Recipe, checkpointing: bool = True) -> dict:
 
 
 def check_device_switches(recipe: Recipe) -> None:
-    from .model import has_gpu
+    from ..model import has_gpu
 
     if recipe.training.activation_offloading and not has_gpu():
         raise UserError("training.activation_offloading moves activations from GPU to CPU memory; there is no GPU here",
                         "set training.activation_offloading: false")
     use_liger(recipe)
-    from . import attention
+    from .. import attention
 
     attention.choose(recipe.training, has_gpu(), attention.flash_attn_available())  # refuses impossible layouts
 
@@ -200,8 +200,8 @@ def check_device_switches(recipe: Recipe) -> None:
 def use_liger(recipe: Recipe) -> bool:
     """Fused linear cross-entropy never materialises full-vocabulary logits; it needs a GPU.
     training.liger_kernel: true where it cannot run is refused (fastpath.choose_loss_head)."""
-    from . import fastpath
-    from .model import has_gpu
+    from .. import fastpath
+    from ..model import has_gpu
 
     return fastpath.choose_loss_head(recipe.training, 0, has_gpu(), fastpath.liger_available())[0] == "liger"
 
@@ -239,7 +239,7 @@ def check_adapter(model) -> str:
     if n_b == 0:
         raise RuntimeError("the adapter has no LoRA weights")
     if zero_b == n_b:  # the user's settings, not a bug: a message and exit 1, no traceback
-        from .resilience import RunStopped
+        from ..resilience import RunStopped
 
         raise RunStopped("the training changed nothing: every LoRA B matrix is still zero, so the adapter would "
                          "answer exactly like the base model; no adapter was saved",
@@ -267,7 +267,7 @@ def preflight(recipe: Recipe, quiet: bool = False, measure: bool = False) -> Pre
     which needs the tokenizer; `train` encodes later with the one it trains with."""
     say = (lambda *a, **k: None) if quiet else console.print
     # 1. data: read, check, split (no model yet, so bad files fail in a second)
-    from . import datacheck
+    from .. import datacheck
 
     prep = datacheck.prepare(recipe, *datacheck.load_tokenizer_for_check(recipe)) if measure else datacheck.prepare(recipe)
     rep = prep.report
@@ -277,7 +277,7 @@ def preflight(recipe: Recipe, quiet: bool = False, measure: bool = False) -> Pre
         say(f"  [yellow]dropped[/] {row['where']}: {row['reason']}", highlight=False)
 
     # 2. base model (a hub id offline fails here, before anything heavy)
-    from .model import has_gpu, resolve_base_model
+    from ..model import has_gpu, resolve_base_model
 
     warnings = []
     if not has_gpu() and not recipe.base_model.startswith("builtin:") and not Path(recipe.base_model).is_dir():
@@ -289,7 +289,7 @@ def preflight(recipe: Recipe, quiet: bool = False, measure: bool = False) -> Pre
     check_device_switches(recipe)  # GPU-only switches are refused before anything is written
 
     # 2b. will it fit? (from the config alone; the planner's components are in `qlora-kit plan`)
-    from . import plan as plan_mod
+    from .. import plan as plan_mod
 
     plan = None
     try:
@@ -337,10 +337,10 @@ def run(recipe: Recipe, run_dir_arg: str | None = None, callbacks: list | None =
     """Train and return the run directory. `callbacks` are extra TrainerCallbacks (tests use them to
     look at the live model; nothing in qlora-kit needs them)."""
     t0 = time.time()
-    from . import distributed
+    from .. import distributed
 
     world = distributed.init()  # one process, or one of N data-parallel workers started by `--gpus N`
-    from . import fastpath
+    from .. import fastpath
 
     threads = fastpath.set_threads()  # before any torch work: the pool is sized once
     if world.size > 1 and run_dir_arg is None:
@@ -353,8 +353,8 @@ def run(recipe: Recipe, run_dir_arg: str | None = None, callbacks: list | None =
     # 3. tokenizer and template; answer-only labels with EOS in the loss (cached by content)
     import torch
 
-    from . import datacheck
-    from .model import (
+    from .. import datacheck
+    from ..model import (
         compute_dtype,
         has_gpu,
         load_tokenizer,
@@ -373,8 +373,8 @@ def run(recipe: Recipe, run_dir_arg: str | None = None, callbacks: list | None =
     require_trainable(train_rows, prep, recipe)
 
     # 4. run directory: a new one, or an existing run to resume (same settings, same data)
-    from . import resilience
-    from .recipe import load_saved
+    from .. import resilience
+    from ..recipe import load_saved
 
     resume_from = None
     existing = Path(run_dir_arg) if run_dir_arg else None
@@ -592,11 +592,11 @@ def _fit(recipe: Recipe, model_dir: str, tokenizer, train_rows, eval_rows, run_d
     """Load the 4-bit base, attach LoRA (or continue an adapter), train. Returns (trainer, metrics, stops)."""
     from transformers import PrinterCallback, set_seed
 
-    from . import resilience
-    from .model import attach_lora, embedding_modules, load_4bit
-    from .progress import ProgressLog, RichProgress, TensorBoardLog
+    from .. import resilience
+    from ..model import attach_lora, embedding_modules, load_4bit
+    from ..progress import ProgressLog, RichProgress, TensorBoardLog
 
-    from . import attention, fastpath
+    from .. import attention, fastpath
 
     set_seed(recipe.training.seed)  # LoRA A is initialised randomly: same seed, same run (and resume)
     if fast.layout.attn_implementation == attention.PER_SEQUENCE:
@@ -629,7 +629,7 @@ def _fit(recipe: Recipe, model_dir: str, tokenizer, train_rows, eval_rows, run_d
     # autocast still computes in bf16 on GPU, small optimizer updates are not rounded away, a
     # continued adapter starts from exactly its saved values, and on CPU LoRA stays in fp32.
     # Not under FSDP: a flattened shard must hold one dtype, the storage dtype of the 4-bit weights.
-    from . import distributed
+    from .. import distributed
 
     fsdp = distributed.world().strategy == "fsdp"
     exact = {} if fsdp else {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
