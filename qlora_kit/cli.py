@@ -284,7 +284,7 @@ def eval_cmd(
 ) -> None:
     """Base vs tuned on held-out questions: domain metrics, report.md/.html, a blind review.csv to grade."""
     if grades:
-        from . import grades as grading
+        from .eval import grades as grading
 
         if data or limit or max_new_tokens or json_schema:
             raise UserError("--grades reads grades back and answers no questions: --data, --limit, "
@@ -292,11 +292,11 @@ def eval_cmd(
         grading.run(run_dir, grades)
         print(run_dir / "report.html")
         return
-    from . import evaluate
+    from .eval import evaluate
 
     result = evaluate.run(run_dir, str(data) if data else None, limit, max_new_tokens,
                           grants=_grants(trust_remote_code, allow_pickle), json_schema=json_schema)
-    from .report import metric_rows
+    from .eval.report import metric_rows
 
     from rich.table import Table
 

@@ -70,7 +70,8 @@ def recipe_for(data: Path, steps: int, seed: int = 0):
 
 
 def run(workdir: Path, n_rows: int, steps: int, limit: int | None, seed: int = 0) -> dict:
-    from qlora_kit import evaluate, train
+    from qlora_kit import train
+    from qlora_kit.eval import evaluate
 
     data = workdir / "stories_extract.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in make_rows(n_rows, seed)), encoding="utf-8")

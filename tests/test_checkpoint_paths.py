@@ -61,7 +61,8 @@ def test_merge_and_generate_from_a_checkpoint_use_its_adapter(ckpt_run):
 def test_eval_and_export_from_a_checkpoint_write_beside_it(ckpt_run):
     out, data = ckpt_run
     ck = out / "checkpoints" / "checkpoint-2"
-    from qlora_kit import evaluate, export
+    from qlora_kit import export
+    from qlora_kit.eval import evaluate
 
     evaluate.run(ck, str(data), limit=2, max_new_tokens=4)
     ev = json.loads((ck / "eval.json").read_text())

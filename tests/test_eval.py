@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-from qlora_kit import chat, evaluate, generate, train
+from qlora_kit import chat, generate, train
+from qlora_kit.eval import evaluate
 from qlora_kit.train import memorising_warning
 
 from conftest import ROOT, make_recipe, write_qa

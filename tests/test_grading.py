@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from qlora_kit import evaluate, grades
+from qlora_kit.eval import evaluate, grades
 from qlora_kit.errors import UserError
 
 from conftest import write_qa

@@ -17,7 +17,8 @@ import sys
 import pytest
 from conftest import ROOT, make_recipe, write_qa
 
-from qlora_kit import evaluate, generate, recipe, serve, structured, synth, train
+from qlora_kit import generate, recipe, serve, structured, synth, train
+from qlora_kit.eval import evaluate
 
 jsonschema = pytest.importorskip("jsonschema")
 

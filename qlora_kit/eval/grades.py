@@ -36,8 +36,9 @@ from statistics import NormalDist
 
 from rich.console import Console
 
-from . import readers, rundir
-from .errors import UserError
+from .. import rundir
+from ..data import readers
+from ..errors import UserError
 
 console = Console(stderr=True, soft_wrap=True)
 

@@ -12,7 +12,8 @@ import html
 import json
 from pathlib import Path
 
-from . import grades, rundir
+from .. import rundir
+from . import grades
 
 LABELS = {
     "eval_loss": ("eval loss", False), "perplexity": ("perplexity", False), "exact_match": ("exact match", True),

@@ -18,16 +18,17 @@ from pathlib import Path
 
 from rich.console import Console
 
-from . import metrics, rundir
-from .errors import UserError
+from .. import rundir
+from ..errors import UserError
+from . import metrics
 
 console = Console(stderr=True, soft_wrap=True)
 
 
 def held_out(run_dir: Path, recipe, data_file: str | None):
     """(conversations, wheres): a given file whole, or the run's own eval split (same split as training)."""
-    from . import data as data_mod
-    from . import datacheck
+    from .. import data as data_mod
+    from .. import datacheck
 
     if data_file:
         ds = data_mod.load_recipe_data(recipe.data, data_file)
@@ -46,7 +47,7 @@ def answer_loss(engine, conv) -> tuple[float, int]:
 
     import torch
 
-    from .template import encode_batch
+    from ..template import encode_batch
 
     a = engine.current
     e = encode_batch(a.tokenizer, [conv], 1 << 30, set(a.stop_ids))[0]
@@ -74,7 +75,7 @@ JSON_TASKS = ("finance",)  # tasks whose metrics read JSON fields from the answe
 def eval_constraint(recipe, json_schema: str | Path | None):
     """The JSON constraint eval also answers under (None: the answers are not JSON): --json-schema,
     else the recipe's evaluation.json_schema, else any JSON object for a task scored on JSON fields."""
-    from . import structured
+    from .. import structured
 
     if json_schema:
         return structured.load(json_schema)
@@ -98,9 +99,9 @@ def run(run_dir: str | Path, data_file: str | None = None, limit: int | None = N
         max_new_tokens: int | None = None, grants=None, json_schema: str | Path | None = None) -> dict:
     """`grants` (recipe.Grants): what this command's flags allow; the run's recipe.yaml grants nothing.
     `json_schema`: a JSON Schema file to answer under as well (default: see eval_constraint)."""
-    from . import generate
-    from .model import refuse_unsafe
-    from .recipe import Grants, load_run_recipe
+    from .. import generate
+    from ..model import refuse_unsafe
+    from ..recipe import Grants, load_run_recipe
 
     grants = grants or Grants()
     target = Path(run_dir)  # RUN or one of its checkpoints: the results are written there
