@@ -14,8 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qlora_kit import resilience, rundir, train
+from qlora_kit import rundir, train
 from qlora_kit.errors import UserError
+from qlora_kit.train import resilience
 
 from conftest import ROOT, Snapshot, make_recipe, write_qa
 

@@ -239,7 +239,7 @@ def check_adapter(model) -> str:
     if n_b == 0:
         raise RuntimeError("the adapter has no LoRA weights")
     if zero_b == n_b:  # the user's settings, not a bug: a message and exit 1, no traceback
-        from ..resilience import RunStopped
+        from .resilience import RunStopped
 
         raise RunStopped("the training changed nothing: every LoRA B matrix is still zero, so the adapter would "
                          "answer exactly like the base model; no adapter was saved",
@@ -373,7 +373,7 @@ def run(recipe: Recipe, run_dir_arg: str | None = None, callbacks: list | None =
     require_trainable(train_rows, prep, recipe)
 
     # 4. run directory: a new one, or an existing run to resume (same settings, same data)
-    from .. import resilience
+    from . import resilience
     from ..recipe import load_saved
 
     resume_from = None
@@ -592,9 +592,9 @@ def _fit(recipe: Recipe, model_dir: str, tokenizer, train_rows, eval_rows, run_d
     """Load the 4-bit base, attach LoRA (or continue an adapter), train. Returns (trainer, metrics, stops)."""
     from transformers import PrinterCallback, set_seed
 
-    from .. import resilience
+    from . import resilience
     from ..model import attach_lora, embedding_modules, load_4bit
-    from ..progress import ProgressLog, RichProgress, TensorBoardLog
+    from .progress import ProgressLog, RichProgress, TensorBoardLog
 
     from .. import attention, fastpath
 

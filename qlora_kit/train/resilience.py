@@ -17,9 +17,9 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from .errors import UserError
-from .rundir import COMPLETE as MARKER
-from .rundir import checkpoint_step as _step
+from ..errors import UserError
+from ..rundir import COMPLETE as MARKER
+from ..rundir import checkpoint_step as _step
 
 
 class RunStopped(UserError):
@@ -66,7 +66,7 @@ def check_resume(run_dir: Path, info: dict, old_recipe, recipe, model_dir: str, 
     if info.get("base_model_path") != model_dir:
         problems.append(f"base model: {info.get('base_model_path')} -> {model_dir}")
     if info.get("data", {}).get("sha256") != data_sha:
-        from .data import file_changes
+        from ..data import file_changes
 
         old_files = info.get("data", {}).get("files")
         problems += (file_changes(old_files, files) if old_files and files else []) or \
@@ -82,8 +82,8 @@ class CompleteMarker(TrainerCallback):
     def on_save(self, args, state, control, model=None, **kw):
         import torch
 
-        from . import distributed
-        from .rundir import share_tree, write_json
+        from .. import distributed
+        from ..rundir import share_tree, write_json
 
         distributed.barrier()  # every data-parallel worker has written its part (its RNG state)
         if not state.is_world_process_zero:
@@ -126,7 +126,7 @@ class Interrupt(TrainerCallback):
         return False
 
     def on_step_end(self, args, state, control, **kw):
-        from . import distributed
+        from .. import distributed
 
         # data-parallel workers must stop at the same step, or the others wait forever in all-reduce
         self.requested = distributed.any_rank(self.requested)
@@ -171,7 +171,7 @@ class DiskGuard(TrainerCallback):
     def on_step_end(self, args, state, control, **kw):
         if not control.should_save:
             return
-        from . import distributed
+        from .. import distributed
 
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(self.checkpoints).free
