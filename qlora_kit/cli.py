@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 
 from .errors import UserError
-from .rowtemplate import from_command_line
+from .data.rowtemplate import from_command_line
 
 app = typer.Typer(
     name="qlora-kit",
@@ -498,7 +498,7 @@ def data_scrub_cmd(
     import json
 
     from . import data as data_mod
-    from . import pii
+    from .data import pii
     from .rundir import write_atomic
 
     if out_file.resolve() == file.resolve():

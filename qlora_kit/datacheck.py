@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from . import data as data_mod
-from . import dedup
+from .data import dedup
 from .errors import UserError
 from .recipe import Recipe
 
@@ -196,7 +196,7 @@ def _check(recipe: Recipe, key: str) -> Prepared:
                         + "; ".join(f"{Path(p).name} ({r})" for p, r in ds.not_read[:5]))
 
     if d.scrub_pii:
-        from . import pii
+        from .data import pii
 
         convs, counts = pii.scrub_conversations(convs)
         report["pii_redacted"] = dict(counts)

@@ -70,7 +70,7 @@ class DataConfig(_Section):
     @classmethod
     def _template_syntax(cls, v):
         if v is not None:
-            from .rowtemplate import fields
+            from .data.rowtemplate import fields
 
             fields(v)  # a lone brace or an empty {} is a ValueError, reported with the field's line
         return v

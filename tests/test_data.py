@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from qlora_kit import data, dedup
+from qlora_kit import data
+from qlora_kit.data import dedup
 from qlora_kit.errors import UserError
 
 from conftest import SHARED

@@ -16,7 +16,7 @@ import pytest
 
 from qlora_kit import data
 from qlora_kit.errors import UserError
-from qlora_kit.pii import PLACEHOLDER, is_valid_bank_card, luhn_ok, scrub_text
+from qlora_kit.data.pii import PLACEHOLDER, is_valid_bank_card, luhn_ok, scrub_text
 
 from conftest import ROOT
 from test_pii import luhn_digit

@@ -109,7 +109,7 @@ def _pii_file(tmp_path):
 
 
 def test_scrub_command(tmp_path, cache):
-    from qlora_kit import pii
+    from qlora_kit.data import pii
 
     assert pii.luhn_ok(PII["card"]) and pii.is_valid_id_card(PII["id"])
     p = _pii_file(tmp_path)

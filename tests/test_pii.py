@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 
-from qlora_kit.pii import KINDS, PLACEHOLDER, is_valid_id_card, luhn_ok, scrub_conversations, scrub_text
+from qlora_kit.data.pii import KINDS, PLACEHOLDER, is_valid_id_card, luhn_ok, scrub_conversations, scrub_text
 
 N = 200
 WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)

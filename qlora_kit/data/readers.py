@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from xml.etree.ElementTree import ParseError
 
-from .errors import UserError
+from ..errors import UserError
 
 
 @dataclass

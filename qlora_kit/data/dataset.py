@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import readers, rowtemplate
-from .errors import UserError
+from ..errors import UserError
 
 Message = dict  # role, content (str); optionally tool_calls, tools, name, tool_call_id
 Conversation = list[Message]

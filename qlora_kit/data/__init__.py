@@ -1,0 +1,45 @@
+"""Data: from the files people bring to checked conversations ready to encode.
+
+    readers      files and encodings -> records, each with its file:line
+    layouts      one record -> one conversation (Q/A columns, alpaca, messages, ShareGPT, tool calls)
+    dataset      files and folders -> one Dataset; the train/eval split by duplicate cluster
+    rowtemplate  the question-template syntax ({column} names)
+    dedup        exact and near duplicates
+    pii          redaction of personal data
+    check        `data check` and train's data step: the pure pipeline -> a report (dict)
+    render       that report as a Rich table
+    synth/       synthetic starter data, one generator per domain
+
+`from qlora_kit import data; data.load(...)` reads as before: the names below are the package's
+public API for callers that only want conversations.
+"""
+
+from .dataset import (
+    Conversation,
+    Dataset,
+    Message,
+    Source,
+    answer_text,
+    answered,
+    combined_sha256,
+    data_files,
+    detect_layout,
+    file_changes,
+    file_sha256,
+    has_tools,
+    list_sources,
+    load,
+    load_recipe_data,
+    parse_columns,
+    question_text,
+    split,
+    to_conversation,
+    to_record,
+    tools_of,
+)
+
+__all__ = [
+    "Conversation", "Dataset", "Message", "Source", "answer_text", "answered", "combined_sha256", "data_files",
+    "detect_layout", "file_changes", "file_sha256", "has_tools", "list_sources", "load", "load_recipe_data",
+    "parse_columns", "question_text", "split", "to_conversation", "to_record", "tools_of",
+]
