@@ -255,7 +255,7 @@ def generate_cmd(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help=PICKLE_HELP),
 ) -> None:
     """Answer one question with a trained adapter or merged model (greedy, stored chat template)."""
-    from . import generate
+    from .serve import engine as generate
 
     constraint = _json_schema(json_schema)  # a bad schema file is refused before the model loads
     loaded = generate.load(model_dir, _grants(trust_remote_code, allow_pickle))
@@ -322,7 +322,8 @@ def chat_cmd(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help=PICKLE_HELP),
 ) -> None:
     """Chat with a tuned model, streaming; /use NAME switches adapters without reloading the base."""
-    from . import chat, generate
+    from .serve import chat
+    from .serve import engine as generate
 
     constraint = _json_schema(json_schema)
     engine = generate.Engine.from_runs(chat.parse_adapters(run_dir, adapter), _grants(trust_remote_code, allow_pickle))
@@ -340,7 +341,7 @@ def _json_schema(path: Optional[Path]):
     """--json-schema FILE as a compiled constraint (None without the option)."""
     if path is None:
         return None
-    from . import structured
+    from .serve import structured
 
     return structured.load(path)
 

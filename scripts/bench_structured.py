@@ -1,4 +1,4 @@
-"""What the JSON constraint (qlora_kit/structured.py) costs per generated token, measured.
+"""What the JSON constraint (qlora_kit/serve/structured.py) costs per generated token, measured.
 
 1. Real generation on the built-in tiny-chat model (1,024-token byte-level BPE) and on stories260K
    (512-token SentencePiece with byte fallback, when ../shared/models/stories260K exists): the same
@@ -41,7 +41,7 @@ def generation(name: str, path: Path, prompts: list[str], chat: bool) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList
 
-    from qlora_kit import structured
+    from qlora_kit.serve import structured
 
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path).eval()
@@ -118,7 +118,7 @@ def _bytes_to_unicode() -> list[str]:
 def processor_alone(runs: int) -> dict:
     import torch
 
-    from qlora_kit import structured
+    from qlora_kit.serve import structured
 
     t0 = time.perf_counter()
     tok = big_vocabulary()

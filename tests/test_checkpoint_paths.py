@@ -75,7 +75,8 @@ def test_eval_and_export_from_a_checkpoint_write_beside_it(ckpt_run):
 
 
 def test_serve_and_chat_name_a_checkpoint_after_its_run(ckpt_run):
-    from qlora_kit import chat, serve
+    from qlora_kit import serve
+    from qlora_kit.serve import chat
 
     out, _ = ckpt_run
     ck = out / "checkpoints" / "checkpoint-2"

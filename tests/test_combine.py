@@ -19,7 +19,8 @@ import torch
 from conftest import ROOT, make_recipe, write_qa
 from safetensors.torch import load_file
 
-from qlora_kit import generate, merge, train
+from qlora_kit import merge, train
+from qlora_kit.serve import engine as generate
 from qlora_kit.errors import UserError
 
 QK = [sys.executable, "-m", "qlora_kit.cli"]

@@ -11,7 +11,9 @@ import sys
 
 import pytest
 
-from qlora_kit import chat, generate, train
+from qlora_kit import train
+from qlora_kit.serve import chat
+from qlora_kit.serve import engine as generate
 from qlora_kit.eval import evaluate
 from qlora_kit.train import memorising_warning
 

@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, make_recipe, write_qa
 
-from qlora_kit import generate, serve, train
+from qlora_kit import serve, train
+from qlora_kit.serve import engine as generate
 from qlora_kit.errors import UserError
 
 openai = pytest.importorskip("openai")

@@ -17,7 +17,8 @@ import pytest
 from conftest import ROOT
 from test_serve import KEY, Server, _listening, raw, serve_process
 
-from qlora_kit import generate, serve
+from qlora_kit import serve
+from qlora_kit.serve import engine as generate
 
 N = 8
 URL = "/v1/chat/completions"

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-from qlora_kit import export, generate, serve
+from qlora_kit import export, serve
+from qlora_kit.serve import engine as generate
 from qlora_kit.template import with_default_system
 
 QK = [sys.executable, "-m", "qlora_kit.cli"]

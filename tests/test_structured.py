@@ -17,7 +17,9 @@ import sys
 import pytest
 from conftest import ROOT, make_recipe, write_qa
 
-from qlora_kit import generate, recipe, serve, structured, synth, train
+from qlora_kit import recipe, serve, synth, train
+from qlora_kit.serve import engine as generate
+from qlora_kit.serve import structured
 from qlora_kit.eval import evaluate
 
 jsonschema = pytest.importorskip("jsonschema")

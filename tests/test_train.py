@@ -130,7 +130,7 @@ def test_merge_default_bf16_and_refuses_nonempty_out(tiny_run, tmp_path):
 
 
 def test_generate_from_adapter_and_merged_agree(tiny_run, tmp_path):
-    from qlora_kit import generate
+    from qlora_kit.serve import engine as generate
 
     run_dir, _ = tiny_run
     merge.run(run_dir, tmp_path / "m", dtype="fp32")
@@ -142,7 +142,7 @@ def test_generate_from_adapter_and_merged_agree(tiny_run, tmp_path):
 def test_stories260k_real_model_end_to_end(stories_dir, qa_file, tmp_path):
     """A real pretrained Llama with no chat template and no pad token; MLP width 172 (not a multiple
     of 32) crashes bitsandbytes' AVX512-BF16 eval kernel unless the exact path is pinned."""
-    from qlora_kit import generate
+    from qlora_kit.serve import engine as generate
 
     snap = Snapshot()
     run_dir = train.run(make_recipe(str(stories_dir), qa_file, max_steps=6), str(tmp_path / "run"), [snap])

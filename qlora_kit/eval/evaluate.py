@@ -75,7 +75,7 @@ JSON_TASKS = ("finance",)  # tasks whose metrics read JSON fields from the answe
 def eval_constraint(recipe, json_schema: str | Path | None):
     """The JSON constraint eval also answers under (None: the answers are not JSON): --json-schema,
     else the recipe's evaluation.json_schema, else any JSON object for a task scored on JSON fields."""
-    from .. import structured
+    from ..serve import structured
 
     if json_schema:
         return structured.load(json_schema)
@@ -99,7 +99,7 @@ def run(run_dir: str | Path, data_file: str | None = None, limit: int | None = N
         max_new_tokens: int | None = None, grants=None, json_schema: str | Path | None = None) -> dict:
     """`grants` (recipe.Grants): what this command's flags allow; the run's recipe.yaml grants nothing.
     `json_schema`: a JSON Schema file to answer under as well (default: see eval_constraint)."""
-    from .. import generate
+    from ..serve import engine as generate
     from ..model import refuse_unsafe
     from ..recipe import Grants, load_run_recipe
 

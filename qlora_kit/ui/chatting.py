@@ -60,7 +60,8 @@ class Chat:
                 self.service = self.key = None
                 gc.collect()  # the previous engine's weights go before the new ones load
                 try:
-                    from .. import generate, serve
+                    from .. import serve
+                    from ..serve import engine as generate
 
                     engine = generate.Engine.from_runs({ids[n]: p for n, p in runs.items()}, self.grants)
                     self.service, self.key = serve.Service(engine), key

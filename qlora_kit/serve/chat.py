@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 HELP = "/use NAME · /base · /adapters · /reset · /exit"
 
@@ -18,7 +18,7 @@ HELP = "/use NAME · /base · /adapters · /reset · /exit"
 def parse_adapters(run_dir: Path | None, specs: list[str]) -> dict[str, Path]:
     runs: dict[str, Path] = {}
     if run_dir is not None:
-        from .rundir import default_name
+        from ..run import default_name
 
         runs[default_name(run_dir)] = run_dir
     for spec in specs:

@@ -28,7 +28,7 @@ import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 # no whitespace anywhere: the separators are fixed, the model has nothing to wander in
 COMPACT = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}

@@ -19,8 +19,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import rundir
-from .errors import UserError
+from ..errors import UserError
+from ..run import default_name, is_run_dir, is_run_path, open_run
 
 
 @dataclass
@@ -115,29 +115,24 @@ class Engine:
         """One 4-bit base (the runs must share it) with each run's adapter loaded under its name.
         `grants` (recipe.Grants): what this command's own flags allow; the runs' recipes grant nothing."""
         # RUN, or RUN/checkpoints/checkpoint-N with its adapter: a wrong path is refused before torch loads
-        resolved = {name: rundir.resolve(path) for name, path in runs.items()}
+        opened = {name: open_run(path, grants) for name, path in runs.items()}
         from peft import PeftModel
 
-        from .model import load_4bit, load_saved_tokenizer, quiet_libraries
-        from .recipe import Grants, load_run_recipe
-
-        grants = grants or Grants()
+        from ..model import load_4bit, load_saved_tokenizer, quiet_libraries
 
         quiet_libraries()
         model, adapters, base_path = None, {}, None
-        for name, (p, adapter_dir) in resolved.items():
-            info = rundir.read_info(p)
-            recipe = load_run_recipe(p, grants)
+        for name, r in opened.items():
             if base_path is None:
-                base_path = info["base_model_path"]
-                model = PeftModel.from_pretrained(load_4bit(base_path, recipe), adapter_dir, adapter_name=name)
-            elif info["base_model_path"] != base_path:
-                raise UserError(f"adapter '{name}' ({p}) was trained on {info['base_model']}, not on the first "
+                base_path = r.base_model_path
+                model = PeftModel.from_pretrained(load_4bit(base_path, r.recipe), r.adapter, adapter_name=name)
+            elif r.info.base_model_path != base_path:
+                raise UserError(f"adapter '{name}' ({r.dir}) was trained on {r.info.base_model}, not on the first "
                                 f"adapter's base", "adapters on one base must share that base model")
             else:
-                model.load_adapter(adapter_dir, adapter_name=name)
-            tok = load_saved_tokenizer(p / rundir.TOKENIZER, grants.trust_remote_code)
-            adapters[name] = Adapter(name, p, tok, info["tokenizer"]["stop_token_ids"], recipe.data.system_prompt)
+                model.load_adapter(r.adapter, adapter_name=name)
+            tok = load_saved_tokenizer(r.tokenizer_dir, r.recipe.trust_remote_code)
+            adapters[name] = Adapter(name, r.dir, tok, r.info.tokenizer.stop_token_ids, r.recipe.data.system_prompt)
         model.eval()
         engine = cls(model, adapters, "adapter")
         engine.use(next(iter(adapters)))
@@ -147,8 +142,8 @@ class Engine:
     def from_merged(cls, path: str | Path, grants=None) -> Engine:
         from transformers import AutoModelForCausalLM
 
-        from .model import load_saved_tokenizer, quiet_libraries, refuse_unsafe
-        from .recipe import Grants, load_saved
+        from ..model import load_saved_tokenizer, quiet_libraries, refuse_unsafe
+        from ..recipe import Grants, load_saved
 
         grants = grants or Grants()
         quiet_libraries()
@@ -166,7 +161,7 @@ class Engine:
             src = Path(merge_info["run_dir"])
             if "system_prompt" in merge_info:  # recorded by merge: the folder needs no run directory
                 system = merge_info["system_prompt"]
-            elif rundir.is_run_dir(src):
+            elif is_run_dir(src):
                 system = load_saved(src / "recipe.yaml").data.system_prompt
         name = p.name
         engine = cls(model, {name: Adapter(name, None, tok, stop, system)}, "merged")
@@ -331,8 +326,8 @@ def _streamer_class():
 def load(path: str | Path, grants=None) -> Engine:
     """A run directory (4-bit base + its adapter, as trained) or a merged model directory."""
     p = Path(path)
-    if rundir.is_run_path(p):
-        return Engine.from_runs({rundir.default_name(p): p}, grants)
+    if is_run_path(p):
+        return Engine.from_runs({default_name(p): p}, grants)
     if (p / "config.json").is_file():
         return Engine.from_merged(p, grants)
     raise UserError(f"{p} is neither a qlora-kit run directory nor a model directory",

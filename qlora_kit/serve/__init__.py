@@ -37,15 +37,17 @@ from typing import TYPE_CHECKING
 # at module level: FastAPI resolves the (postponed) `request: Request` annotations from here
 from starlette.requests import Request
 
-from . import rundir
-from .errors import UserError
-from .net import check_serve_bind as check_bind  # check_bind: the name serve's main and its tests use
-from .net import read_body
+from .. import rundir
+from ..errors import UserError
+from ..run import RunInfo as RunRecord  # run.json; RunInfo below is what vLLM is started with
+from ..run import default_name, read_info, resolve
+from ..net import check_serve_bind as check_bind  # check_bind: the name serve's main and its tests use
+from ..net import read_body
 
 if TYPE_CHECKING:
     import fastapi
 
-    from .generate import Engine, Result
+    from .engine import Engine, Result
 
 log = logging.getLogger("qlora_kit.serve")
 
@@ -317,11 +319,11 @@ class Service:
         out: dict[str, dict] = {}
         first = None
         for name, a in self.engine.adapters.items():
-            info = rundir.read_info(a.run_dir) if a.run_dir is not None else {}
-            out[name] = {"id": name, "object": "model", "created": _epoch(info.get("finished") or info.get("started"), now),
+            info = read_info(a.run_dir) if a.run_dir is not None else RunRecord()
+            out[name] = {"id": name, "object": "model", "created": _epoch(info.finished or info.started, now),
                          "owned_by": "qlora-kit", "kind": self.engine.kind,
                          "run_dir": str(a.run_dir) if a.run_dir is not None else None,
-                         "base_model": info.get("base_model"), "system_prompt": a.system_prompt}
+                         "base_model": info.base_model, "system_prompt": a.system_prompt}
             first = first or out[name]
         if self.engine.kind == "adapter":
             out[BASE] = {"id": BASE, "object": "model", "created": first["created"], "owned_by": "qlora-kit",
@@ -619,7 +621,7 @@ def create_app(service: Service, api_key: str | None = None) -> fastapi.FastAPI:
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException
 
-    from . import __version__
+    from .. import __version__
 
     app = FastAPI(title="qlora-kit", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
@@ -721,7 +723,7 @@ def parse_runs(runs: list[str]) -> dict[str, Path]:
     out: dict[str, Path] = {}
     for p in plain:
         p = Path(p)
-        name = rundir.default_name(p)  # a checkpoint: RUN-checkpoint-N
+        name = default_name(p)  # a checkpoint: RUN-checkpoint-N
         if name in out:
             raise UserError(f"two runs are both named '{name}'", f"name them: NAME={p}")
         out[name] = p
@@ -759,10 +761,10 @@ def _template(tok_dir: Path) -> str | None:
 def run_infos(runs: dict[str, Path]) -> list[RunInfo]:
     out = []
     for name, p in runs.items():
-        p, adir = rundir.resolve(p)  # RUN, or RUN/checkpoints/checkpoint-N with its adapter
-        info = rundir.read_info(p)
+        p, adir = resolve(p)  # RUN, or RUN/checkpoints/checkpoint-N with its adapter
+        info = read_info(p)
         cfg = json.loads((adir / "adapter_config.json").read_text(encoding="utf-8"))
-        out.append(RunInfo(name, p, adir, info["base_model"], info["base_model_path"], int(cfg.get("r") or 8),
+        out.append(RunInfo(name, p, adir, info.base_model, info.base_model_path, int(cfg.get("r") or 8),
                            list(cfg.get("modules_to_save") or []), _template(p / rundir.TOKENIZER)))
     return out
 
@@ -843,7 +845,7 @@ def main(runs: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: st
          max_tokens: int = 256, max_queue: int = 64, grants=None) -> None:
     """Serve the runs (RUN_DIR or NAME=RUN_DIR) over an OpenAI-compatible API until interrupted.
     `grants` (recipe.Grants): this command's --trust-remote-code/--allow-pickle; the runs grant nothing."""
-    from .recipe import Grants
+    from ..recipe import Grants
 
     grants = grants or Grants()
     check_bind(host, api_key)  # before anything is loaded or bound
@@ -852,7 +854,7 @@ def main(runs: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: st
         _check_vllm()
         infos = run_infos(named)
         if infos:  # vLLM loads the base itself: the same refusals first, in qlora-kit's words
-            from .model import refuse_unsafe
+            from ..model import refuse_unsafe
 
             refuse_unsafe(infos[0].base_model_path, grants.trust_remote_code, grants.allow_pickle)
         argv = vllm_command(infos, host, port, api_key) + ["--trust-remote-code"] * grants.trust_remote_code
@@ -865,7 +867,7 @@ def main(runs: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: st
 
     import uvicorn
 
-    from . import generate
+    from . import engine as generate
 
     # one line per answered request on stderr; uvicorn's own access log stays off
     handler = logging.StreamHandler(sys.stderr)
