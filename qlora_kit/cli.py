@@ -473,7 +473,7 @@ def data_check_cmd(
     """Report what would be trained: rows, drops (file:line), duplicates, leakage, lengths, one sample."""
     import json
 
-    from . import datacheck
+    from .data import check as datacheck
 
     rec = _data_recipe(recipe, files, base_model, columns, skip_bad, max_length, scrub, question_template)
     tok = stop = note = None

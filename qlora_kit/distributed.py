@@ -77,7 +77,8 @@ def silence() -> None:
     """Non-zero ranks print nothing: one run, one log."""
     import logging
 
-    from . import datacheck, merge, train
+    from . import merge, train
+    from .data import check as datacheck
 
     for mod in (train, datacheck, merge):
         con = getattr(mod, "console", None)

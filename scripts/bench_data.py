@@ -75,7 +75,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from qlora_kit import data as data_mod
-    from qlora_kit import datacheck
+    from qlora_kit.data import check as datacheck
     from qlora_kit.model import load_tokenizer, prepare_tokenizer, quiet_libraries, resolve_base_model
     from qlora_kit.recipe import Recipe
     from qlora_kit.rundir import versions

@@ -51,7 +51,7 @@ def test_builtin_tiny_caps_only_above_its_context(qa_file, tiny_dir):
     assert tok["max_length"] == 1024 and tok["context"]["requested"] == 4096
     from transformers import AutoTokenizer
 
-    from qlora_kit.datacheck import cap_to_context
+    from qlora_kit.data.check import cap_to_context
 
     recipe = make_recipe(str(tiny_dir), qa_file, max_length=1024)
     assert cap_to_context(recipe, AutoTokenizer.from_pretrained(tiny_dir)) is None  # at the context: untouched
@@ -59,7 +59,7 @@ def test_builtin_tiny_caps_only_above_its_context(qa_file, tiny_dir):
 
 
 def test_model_context_reads_scaled_and_nested_configs(tmp_path):
-    from qlora_kit.datacheck import model_context
+    from qlora_kit.data.check import model_context
 
     (tmp_path / "config.json").write_text(json.dumps(
         {"max_position_embeddings": 32768, "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}}))

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 
-from qlora_kit import datacheck
+from qlora_kit.data import check as datacheck
 from qlora_kit.model import load_tokenizer, prepare_tokenizer
 from qlora_kit.recipe import Recipe
 

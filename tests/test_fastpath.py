@@ -123,7 +123,7 @@ def test_padding_free_training_builds_no_dense_mask(tiny_dir, uneven, tmp_path, 
 
 
 def _encoded(rec):
-    from qlora_kit import datacheck
+    from qlora_kit.data import check as datacheck
     from qlora_kit.model import load_tokenizer, prepare_tokenizer
 
     prep = datacheck.prepare(rec)

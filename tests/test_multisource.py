@@ -221,7 +221,8 @@ def test_train_on_several_files_records_each_and_resume_sees_a_change(tmp_path, 
 
 
 def test_recipe_data_path_as_a_list(tmp_path, cache):
-    from qlora_kit import datacheck, recipe
+    from qlora_kit import recipe
+    from qlora_kit.data import check as datacheck
 
     srcs = _sources(tmp_path / "data")
     f = tmp_path / "mine.yaml"

@@ -166,7 +166,7 @@ def test_data_check_masks_tool_results_and_train_runs_through_the_models_templat
     # the exact encoding `train` uses, over every row: calls and answers carry loss, tool results never
     from transformers import AutoTokenizer
 
-    from qlora_kit import datacheck
+    from qlora_kit.data import check as datacheck
     from qlora_kit.recipe import Recipe
 
     recipe = Recipe.model_validate({"name": "t", "base_model": str(tool_model), "data": {"path": str(both)}})

@@ -28,7 +28,7 @@ console = Console(stderr=True, soft_wrap=True)
 def held_out(run_dir: Path, recipe, data_file: str | None):
     """(conversations, wheres): a given file whole, or the run's own eval split (same split as training)."""
     from .. import data as data_mod
-    from .. import datacheck
+    from ..data import check as datacheck
 
     if data_file:
         ds = data_mod.load_recipe_data(recipe.data, data_file)

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import data as data_mod
-from .data import dedup
-from .errors import UserError
-from .recipe import Recipe
+from . import dataset as data_mod
+from . import dedup
+from ..errors import UserError
+from ..recipe import Recipe
 
 CACHE_VERSION = 3  # 2: tool-calling turns (observation is a tool result, no longer a user turn); 3: several files, question templates
 PLACEHOLDER = re.compile(r"\{\{\s*\w+\s*\}\}")
@@ -44,7 +44,7 @@ class Prepared:
 
 
 def _cache_dir() -> Path:
-    from .tiny import cache_dir
+    from ..tiny import cache_dir
 
     return cache_dir() / "encoded"
 
@@ -77,7 +77,7 @@ def _read_cached_checks(key: str) -> dict | None:
 
 def _write_cached_checks(key: str, obj: dict) -> None:
     try:
-        from .rundir import write_atomic
+        from ..rundir import write_atomic
 
         write_atomic(_cache_dir() / f"{key}.checks.json", json.dumps(obj, ensure_ascii=False))
     except OSError:
@@ -85,7 +85,7 @@ def _write_cached_checks(key: str, obj: dict) -> None:
 
 
 def _encode_cached(tokenizer, prep: "Prepared", recipe: Recipe, stop_ids: set[int]):
-    from .template import Encoded, encode_batch
+    from ..template import Encoded, encode_batch
 
     max_length = recipe.training.max_length
     key = hashlib.sha256(json.dumps([prep.key, max_length, sorted(stop_ids), tokenizer_fingerprint(tokenizer)]
@@ -108,7 +108,7 @@ def _encode_cached(tokenizer, prep: "Prepared", recipe: Recipe, stop_ids: set[in
         np.savez(tmp, ids=np.array([t for e in enc for t in e.input_ids], dtype=np.int32),
                  labels=np.array([t for e in enc for t in e.labels], dtype=np.int32),
                  offsets=np.r_[0, np.cumsum(lens)], flags=np.array([[e.truncated, e.answer_cut] for e in enc], dtype=bool).reshape(-1, 2))
-        from .rundir import share
+        from ..rundir import share
 
         share(tmp)  # mkstemp makes 0600; a cache shared through QLORA_KIT_CACHE is read by others
         os.replace(tmp, path)
@@ -196,7 +196,7 @@ def _check(recipe: Recipe, key: str) -> Prepared:
                         + "; ".join(f"{Path(p).name} ({r})" for p, r in ds.not_read[:5]))
 
     if d.scrub_pii:
-        from .data import pii
+        from . import pii
 
         convs, counts = pii.scrub_conversations(convs)
         report["pii_redacted"] = dict(counts)
@@ -434,7 +434,8 @@ def _unused_line(sources: list[dict]) -> str:
 
 def load_tokenizer_for_check(recipe: Recipe):
     """The recipe's tokenizer without downloading weights; (tokenizer, stop_ids, note)."""
-    from .model import load_tokenizer, prepare_tokenizer, quiet_libraries, resolve_base_model
+    from ..model import load_tokenizer, prepare_tokenizer, resolve_base_model
+    from ..quiet import quiet_libraries
 
     quiet_libraries()
     spec = recipe.base_model
