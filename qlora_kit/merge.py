@@ -31,8 +31,10 @@ from rich.console import Console
 
 from . import rundir
 from .errors import UserError
+from .run import RunInfo, data_changed, is_run_dir, open_run, read_info, resolve, write_info
 
 console = Console(stderr=True, soft_wrap=True)
+
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 # Max |logit difference| accepted between the merged model (in the working dtype) and the adapter.
 TOLERANCE = {"float32": 1e-3, "bfloat16": 0.25, "float16": 0.1}
@@ -46,16 +48,19 @@ def probe_texts(run_dir: Path, tokenizer, recipe, n: int = 4) -> list[str]:
     from .recipe import load_saved
     from .template import render
 
-    info = rundir.read_info(run_dir)
-    sources = [Path(a["run"]) for a in info.get("combination", {}).get("adapters", [])]
+    info = read_info(run_dir)
+    sources = [Path(a["run"]) for a in (info.combination or {}).get("adapters", [])]
     if sources:  # a combination: a few conversations of each run it combines, rendered with its template
         per = -(-n // len(sources))
-        texts = [t for s in sources if rundir.is_run_dir(s)
+        texts = [t for s in sources if is_run_dir(s)
                  for t in probe_texts(s, tokenizer, load_saved(s / "recipe.yaml"), per) if t not in FALLBACK_PROBES]
         return texts or FALLBACK_PROBES
-    path = Path(info.get("data", {}).get("path", ""))
+    path = Path(info.data.path or "")
     try:
         ds = data_mod.load_recipe_data(recipe.data, path, skip_bad=True)
+        changed = data_changed(info, run_dir, [(s.path, s.sha256) for s in ds.sources])
+        if changed:  # the check compares two models on the same texts, any texts do: said, not refused
+            console.print(f"[yellow]warning[/]: {changed}; merge probes with it as it is now", highlight=False)
         return [render(tokenizer, c) for c in ds.conversations[:n]]
     except (UserError, OSError):
         return FALLBACK_PROBES
@@ -112,51 +117,16 @@ def _work_dtype(n_params: int):
 def run(run_dir: str | Path, out: str | Path | None = None, dtype: str = "bf16", max_shard_size: str = "5GB",
         grants=None) -> dict:
     """`grants` (recipe.Grants): what this command's flags allow; the run's recipe.yaml grants nothing."""
-    run_dir, adapter = rundir.resolve(run_dir)  # RUN, or RUN/checkpoints/checkpoint-N; refused before torch loads
+    r, out = _checked(run_dir, out, dtype, grants)  # every refusal before torch loads
     import torch
-    from peft import PeftModel
 
-    from .model import load_4bit, load_saved_tokenizer, quiet_libraries, refuse_unsafe
-    from .recipe import Grants, load_run_recipe
+    from .model import load_saved_tokenizer, quiet_libraries
 
     quiet_libraries()
-    info = rundir.read_info(run_dir)
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
-    out = Path(out) if out else run_dir / ("merged" if adapter.name == rundir.ADAPTER else f"merged-{adapter.name}")
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"output directory {out} exists and is not empty", "pass another --out or delete it")
-    recipe = load_run_recipe(run_dir, grants or Grants())
-    base_path = info["base_model_path"]
-    if not Path(base_path).is_dir():
-        raise UserError(f"base model of this run not found at {base_path}",
-                        "restore the base model there (the run card names it)")
-    # refused here, before the probe data is read, not only inside load_4bit
-    refuse_unsafe(base_path, recipe.trust_remote_code, recipe.allow_pickle)
-    tokenizer = load_saved_tokenizer(run_dir / rundir.TOKENIZER, recipe.trust_remote_code)
-    texts = probe_texts(run_dir, tokenizer, recipe)
-
-    # 1. reference: the adapter on the 4-bit base, exactly as trained
-    console.print("merge: computing reference logits with the adapter on the 4-bit base")
-    quantized = PeftModel.from_pretrained(load_4bit(base_path, recipe), adapter).eval()
-    ref = logits_for(quantized, tokenizer, texts)
-    n_params = sum(p.numel() for p in quantized.parameters())
-    del quantized
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-    # 2. dequantize a fresh 4-bit base to full precision, then merge the LoRA delta
-    work = _work_dtype(n_params * 2)  # a 4-bit param counts as half an element in numel()
-    console.print(f"merge: dequantizing the NF4 base to {str(work).replace('torch.', '')} and merging LoRA")
-    base = load_4bit(base_path, recipe)
-    base = base.dequantize(dtype=work)
-    if hasattr(base, "hf_quantizer"):
-        del base.hf_quantizer
-    if hasattr(base.config, "quantization_config"):
-        del base.config.quantization_config
-    base.config.dtype = work
-    merged = PeftModel.from_pretrained(base, adapter).merge_and_unload(safe_merge=True).eval()
+    tokenizer = load_saved_tokenizer(r.tokenizer_dir, r.recipe.trust_remote_code)
+    texts = probe_texts(r.dir, tokenizer, r.recipe)
+    ref, n_params = _reference(r, tokenizer, texts)
+    merged, work = _merge_dequantized(r, n_params)
 
     # 3. verify before writing anything
     got = logits_for(merged, tokenizer, texts)
@@ -173,27 +143,88 @@ def run(run_dir: str | Path, out: str | Path | None = None, dtype: str = "bf16",
         report["max_abs_logit_diff_after_cast"] = max_diff(ref, logits_for(merged, tokenizer, texts))
         console.print(f"merge: after casting to {dtype}: {report['max_abs_logit_diff_after_cast']:.2e} (rounding of {dtype})")
     merged.config.dtype = target
-    stop = info.get("tokenizer", {}).get("stop_token_ids")
-    if stop:  # generation_config.json: plain generate() stops at the end-of-turn as well as at EOS
-        merged.generation_config.eos_token_id = stop if len(stop) > 1 else stop[0]
-        merged.generation_config.pad_token_id = tokenizer.pad_token_id
-    system = recipe.data.system_prompt
-    report.update(system_prompt=system, stop_token_ids=stop or [],
-                  system_prompt_in_template=bake_system_prompt(tokenizer, system))
-    if system and not report["system_prompt_in_template"]:
-        console.print("[yellow]warning[/]: this chat template cannot take the run's system prompt as a default; "
-                      "outside qlora-kit pass it as the system message yourself (qlora_kit_merge.json has it)",
-                      highlight=False)
+    report.update(_standalone(merged, tokenizer, r))
 
     # 4. write atomically: a temporary folder renamed into place
     with rundir.publishing(out) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)
-        report.update(run_dir=str(run_dir.resolve()), adapter=str(adapter.resolve()), base_model=info["base_model"],
+        report.update(run_dir=str(r.dir.resolve()), adapter=str(r.adapter.resolve()), base_model=r.info.base_model,
                       created=rundir.now())
         (tmp / "qlora_kit_merge.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     report["out"] = str(out)
     return report
+
+
+def _checked(path, out, dtype: str, grants):
+    """(the run opened, the output folder), or a UserError: nothing here loads torch."""
+    from .model import refuse_unsafe
+
+    r = open_run(path, grants)  # RUN, or RUN/checkpoints/checkpoint-N
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    out = Path(out) if out else r.dir / ("merged" if r.adapter.name == rundir.ADAPTER else f"merged-{r.adapter.name}")
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"output directory {out} exists and is not empty", "pass another --out or delete it")
+    if not Path(r.base_model_path).is_dir():
+        raise UserError(f"base model of this run not found at {r.base_model_path}",
+                        "restore the base model there (the run card names it)")
+    # refused here, before the probe data is read, not only inside load_4bit
+    refuse_unsafe(r.base_model_path, r.recipe.trust_remote_code, r.recipe.allow_pickle)
+    return r, out
+
+
+def _reference(r, tokenizer, texts: list[str]):
+    """1. (logits of the adapter on the 4-bit base, exactly as trained; the model's numel())."""
+    import torch
+    from peft import PeftModel
+
+    from .model import load_4bit
+
+    console.print("merge: computing reference logits with the adapter on the 4-bit base")
+    quantized = PeftModel.from_pretrained(load_4bit(r.base_model_path, r.recipe), r.adapter).eval()
+    ref = logits_for(quantized, tokenizer, texts)
+    n_params = sum(p.numel() for p in quantized.parameters())
+    del quantized
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return ref, n_params
+
+
+def _merge_dequantized(r, n_params: int):
+    """2. a fresh 4-bit base dequantized to full precision, the LoRA delta merged in: (model, dtype)."""
+    from peft import PeftModel
+
+    from .model import load_4bit
+
+    work = _work_dtype(n_params * 2)  # a 4-bit param counts as half an element in numel()
+    console.print(f"merge: dequantizing the NF4 base to {str(work).replace('torch.', '')} and merging LoRA")
+    base = load_4bit(r.base_model_path, r.recipe)
+    base = base.dequantize(dtype=work)
+    if hasattr(base, "hf_quantizer"):
+        del base.hf_quantizer
+    if hasattr(base.config, "quantization_config"):
+        del base.config.quantization_config
+    base.config.dtype = work
+    return PeftModel.from_pretrained(base, r.adapter).merge_and_unload(safe_merge=True).eval(), work
+
+
+def _standalone(merged, tokenizer, r) -> dict:
+    """What makes the folder answer alone as in training: generate() stops where training's answers
+    ended, and the run's system prompt is the template's default; the report's part about it."""
+    stop = r.info.tokenizer.stop_token_ids
+    if stop:  # generation_config.json: plain generate() stops at the end-of-turn as well as at EOS
+        merged.generation_config.eos_token_id = stop if len(stop) > 1 else stop[0]
+        merged.generation_config.pad_token_id = tokenizer.pad_token_id
+    system = r.recipe.data.system_prompt
+    out = {"system_prompt": system, "stop_token_ids": stop or [],
+           "system_prompt_in_template": bake_system_prompt(tokenizer, system)}
+    if system and not out["system_prompt_in_template"]:
+        console.print("[yellow]warning[/]: this chat template cannot take the run's system prompt as a default; "
+                      "outside qlora-kit pass it as the system message yourself (qlora_kit_merge.json has it)",
+                      highlight=False)
+    return out
 
 
 # --- combining several runs' adapters (merge --adapter RUN=W --adapter RUN=W --method M) ----------
@@ -229,20 +260,18 @@ class _Part:
     run: Path  # the run directory
     adapter: Path  # its adapter folder (the final one, or a checkpoint's)
     weight: float
-    info: dict
+    info: RunInfo
     recipe: object
     config: dict  # adapter_config.json
 
 
 def _read_parts(specs: list[str], grants) -> list[_Part]:
-    from .recipe import load_run_recipe
-
     parts = []
     for spec in specs:
         path, weight = parse_spec(spec)
-        run_dir, adapter = rundir.resolve(path)  # RUN or RUN/checkpoints/checkpoint-N
-        cfg = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
-        parts.append(_Part(path, adapter, weight, rundir.read_info(run_dir), load_run_recipe(run_dir, grants), cfg))
+        r = open_run(path, grants)  # RUN or RUN/checkpoints/checkpoint-N
+        cfg = json.loads((r.adapter / "adapter_config.json").read_text(encoding="utf-8"))
+        parts.append(_Part(path, r.adapter, weight, r.info, r.recipe, cfg))
     return parts
 
 
@@ -251,9 +280,9 @@ def check_combinable(parts: list[_Part], method: str) -> list[str]:
     on; return warnings for what is taken from the first run."""
     first = parts[0]
     for p in parts[1:]:
-        if p.info["base_model_path"] != first.info["base_model_path"]:
-            raise UserError(f"{first.run} was trained on {first.info['base_model']} ({first.info['base_model_path']}) "
-                            f"but {p.run} on {p.info['base_model']} ({p.info['base_model_path']})",
+        if p.info.base_model_path != first.info.base_model_path:
+            raise UserError(f"{first.run} was trained on {first.info.base_model} ({first.info.base_model_path}) "
+                            f"but {p.run} on {p.info.base_model} ({p.info.base_model_path})",
                             "adapters can only be combined on the base model they share")
         if p.recipe.quantization != first.recipe.quantization:
             raise UserError(f"{first.run} and {p.run} were trained on differently quantized bases "
@@ -293,7 +322,7 @@ def check_combinable(parts: list[_Part], method: str) -> list[str]:
 
 
 def _template_text(p: _Part) -> str:
-    f = rundir.resolve(p.run)[0] / rundir.TOKENIZER / "chat_template.jinja"
+    f = resolve(p.run)[0] / rundir.TOKENIZER / "chat_template.jinja"
     return f.read_text(encoding="utf-8") if f.is_file() else ""
 
 
@@ -305,7 +334,7 @@ def _combined_adapter(parts: list[_Part], method: str, density: float | None, re
     from .model import load_4bit
 
     names = [f"a{i}" for i in range(len(parts))]
-    model = PeftModel.from_pretrained(load_4bit(parts[0].info["base_model_path"], recipe), parts[0].adapter,
+    model = PeftModel.from_pretrained(load_4bit(parts[0].info.base_model_path, recipe), parts[0].adapter,
                                       adapter_name=names[0])
     for name, p in zip(names[1:], parts[1:]):
         model.load_adapter(p.adapter, adapter_name=name)
@@ -369,8 +398,8 @@ def combine(specs: list[str], out: str | Path, method: str = "linear", density: 
     parts = _read_parts(specs, grants)  # every path and weight refused before torch loads
     warnings = check_combinable(parts, method)
     first = parts[0]
-    base_path = first.info["base_model_path"]
-    if not Path(base_path).is_dir():
+    base_path = first.info.base_model_path
+    if not base_path or not Path(base_path).is_dir():
         raise UserError(f"base model of these runs not found at {base_path}",
                         "restore the base model there (the run cards name it)")
     refuse_unsafe(base_path, grants.trust_remote_code, grants.allow_pickle)
@@ -378,25 +407,25 @@ def combine(specs: list[str], out: str | Path, method: str = "linear", density: 
         console.print(f"[yellow]warning[/]: {w}", highlight=False)
     quiet_libraries()
 
-    first_run = rundir.resolve(first.run)[0]
+    first_run = resolve(first.run)[0]
     with rundir.publishing(out) as tmp:
         console.print(f"merge: combining {len(parts)} adapters with PEFT ({method}) on the 4-bit base")
         cfg = _combined_adapter(parts, method, density, first.recipe, tmp / rundir.ADAPTER)
         shutil.copytree(first_run / rundir.TOKENIZER, tmp / rundir.TOKENIZER)
         shutil.copy2(first_run / "recipe.yaml", tmp / "recipe.yaml")
         # what the readers of a run need (base, tokenizer facts); no data or metrics: nothing was trained here
-        info = {k: v for k, v in first.info.items() if k in ("base_model", "base_model_path", "tokenizer", "compute_dtype",
+        info = {k: v for k, v in first.info.to_json().items() if k in ("base_model", "base_model_path", "tokenizer", "compute_dtype",
                                                              "device")}
         info.update(recipe="combination", status="finished", started=rundir.now(), finished=rundir.now(),
                     versions=rundir.versions(), lora={"modules": len(cfg.get("target_modules") or []),
                                                       "trainable_params": 0},
                     combination={"method": method, "density": density, "seed": SEED, "r": cfg.get("r"),
-                                 "adapters": [{"run": str(rundir.resolve(p.run)[0].resolve()),
+                                 "adapters": [{"run": str(resolve(p.run)[0].resolve()),
                                                "adapter": str(p.adapter.resolve()), "weight": p.weight,
-                                               "r": p.config.get("r"), "base_model": p.info["base_model"]}
+                                               "r": p.config.get("r"), "base_model": p.info.base_model}
                                               for p in parts],
                                  "warnings": warnings})
-        rundir.write_json(tmp / "run.json", info)
+        write_info(tmp, info)
         rundir.write_atomic(tmp / "README.md", _combination_card(out, info))
     report = {"run_dir": str(out), "combination": info["combination"], "out": str(out)}
     if adapter_only:

@@ -166,6 +166,11 @@ def require_adapter(run_dir: Path) -> Path:
     return a
 
 
+def is_checkpoint_name(name: str) -> bool:
+    """checkpoint-N, the name the Trainer gives a checkpoint folder."""
+    return bool(_CHECKPOINT.fullmatch(name))
+
+
 def is_checkpoint(p: Path) -> bool:
     """RUN/checkpoints/checkpoint-N of a run directory (complete or not)."""
     p = Path(p)
