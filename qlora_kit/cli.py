@@ -520,7 +520,7 @@ def data_synth_cmd(
     seed: int = typer.Option(0, "--seed", help="same seed, same file"),
 ) -> None:
     """Generate a starter set of synthetic Q/A pairs from templates (fixed seed)."""
-    from . import synth
+    from .data.synth import finance as synth
 
     if domain not in synth.DOMAINS:
         raise UserError(f"no synthetic generator for '{domain}'", f"available: {', '.join(synth.DOMAINS)}")

@@ -17,7 +17,8 @@ import sys
 import pytest
 from conftest import ROOT, make_recipe, write_qa
 
-from qlora_kit import recipe, serve, synth, train
+from qlora_kit import recipe, serve, train
+from qlora_kit.data.synth import finance as synth
 from qlora_kit.serve import engine as generate
 from qlora_kit.serve import structured
 from qlora_kit.eval import evaluate

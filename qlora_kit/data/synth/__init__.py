@@ -1,0 +1,1 @@
+"""Synthetic starter data (`qlora-kit data synth DOMAIN`): one generator per domain."""
