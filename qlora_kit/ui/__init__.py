@@ -5,27 +5,17 @@ and compare adapters with the base model, all through the same code the CLI runs
     main(runs_dir, host="127.0.0.1", port=7860, token_file=None, grants=None, data_dirs=())   (the CLI; blocks)
 
 data_dirs: folders (besides the runs folder and its uploads) the New run form may read data from.
+The CLI imports this package only when `qlora-kit ui` runs, so FastAPI stays off its start-up path.
 
-Imports are deferred so `import qlora_kit.ui` stays cheap for the CLI.
+    app.py       create_app: the FastAPI app from the pages' routers, the state and the security guard; main
+    state.py     UiState, the one object a ui process holds, and the dependencies that hand it to routes
+    pages/       one APIRouter per page: session, runs, new, jobs, chat, files
+    security.py  Host, token/session, CSRF, headers (an ASGI middleware)
+    runs.py, jobs.py, newrun.py, chatting.py, downloads.py, uploads.py   what the routes do
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
-
-def create_app(runs_dir: Path, token: str | None = None, max_upload_bytes: int = 200 * 2**20, grants=None,
-               data_dirs=()):
-    from .app import create_app as _create
-
-    return _create(runs_dir, token, max_upload_bytes, grants, data_dirs)
-
-
-def main(runs_dir: Path, host: str = "127.0.0.1", port: int = 7860, token_file: Path | None = None,
-         grants=None, data_dirs=()) -> None:
-    from .app import main as _main
-
-    _main(runs_dir, host, port, token_file, grants, data_dirs)
-
+from .app import create_app, main
 
 __all__ = ["create_app", "main"]

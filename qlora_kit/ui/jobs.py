@@ -146,6 +146,18 @@ class Jobs:
             job = {**job, "returncode": rc, "ended": time.time()}
             self._save(job)
 
+    def forget(self, jid: str) -> None:
+        """Remove a job's record (its logs stay): the run page no longer lists it."""
+        self._path(jid).unlink(missing_ok=True)
+
+    def resume_argv(self, run: str, run_dir: Path) -> list[str]:
+        """The command that started the run, or (run from a shell, or an older UI) its saved recipe."""
+        old = self.read(self.job_id(run, "train"))
+        recorded = train_argv(old.get("argv")) if old else None
+        if recorded and "--run-dir" in recorded:
+            return recorded
+        return cli("train", str(run_dir / "recipe.yaml"), "--run-dir", str(run_dir))
+
     def for_run(self, run: str) -> list[dict]:
         return [j for j in (self.read(self.job_id(run, k)) for k in KINDS) if j is not None]
 

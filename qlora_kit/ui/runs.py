@@ -20,6 +20,7 @@ from datetime import datetime
 from pathlib import Path
 
 from .. import rundir
+from ..run import RUN_JSON, try_read_info
 
 PROGRESS = Path(rundir.LOGS) / "progress.jsonl"
 SKIP = {"uploads", ".ui"}
@@ -34,11 +35,11 @@ def _stat_key(p: str):
 
 
 # plain strings, not pathlib: with hundreds of runs pathlib's object creation costs more than the stat calls
-_KEY_FILES = ("run.json", "metrics.json", os.path.join(rundir.LOGS, "progress.jsonl"),
+_KEY_FILES = (RUN_JSON, "metrics.json", os.path.join(rundir.LOGS, "progress.jsonl"),
               os.path.join(rundir.ADAPTER, "adapter_model.safetensors"))
 
 
-def _read_json(p: Path) -> dict | None:
+def read_json(p: Path) -> dict | None:
     try:
         v = json.loads(p.read_text(encoding="utf-8"))
         return v if isinstance(v, dict) else None
@@ -235,28 +236,28 @@ def live_status(summary: dict) -> str:
 # --- one directory --------------------------------------------------------------------------------
 
 def summarize(d: Path, name: str) -> dict | None:
-    info = _read_json(d / "run.json")
+    info = try_read_info(d)
     if info is None:
         return None
-    metrics = _read_json(d / "metrics.json") or {}
+    metrics = read_json(d / "metrics.json") or {}
     last = last_line(d / PROGRESS) or {}
-    data = info.get("data") or {}
-    running = info.get("status") == "running"
+    data = info.data
+    running = info.status == "running"
     # a finished run's numbers come from metrics.json; a live one's from its latest progress line
     steps = metrics.get("global_step") if not running else None
     return {
         "name": name,
-        "recipe": info.get("recipe"),
-        "base_model": info.get("base_model"),
-        "base_model_path": info.get("base_model_path"),
-        "data": data.get("path"),
-        "data_file": Path(data["path"]).name if data.get("path") else None,
-        "rows": data.get("rows"),
-        "recorded_status": info.get("status"),
-        "pid": info.get("pid"),
-        "started": info.get("started"),
-        "finished": info.get("finished"),
-        "error": info.get("error"),
+        "recipe": info.recipe,
+        "base_model": info.base_model,
+        "base_model_path": info.base_model_path,
+        "data": data.path,
+        "data_file": Path(data.path).name if data.path else None,
+        "rows": data.rows,
+        "recorded_status": info.status,
+        "pid": info.pid,
+        "started": info.started,
+        "finished": info.finished,
+        "error": info.error,
         "steps": steps if steps is not None else last.get("step"),
         "max_steps": last.get("max_steps"),
         "train_loss": metrics.get("train_loss") if not running else None,
@@ -287,14 +288,14 @@ class RunIndex:
                 continue
             if e.is_symlink() and not inside(self.root, e.path):
                 continue
-            if os.path.isfile(os.path.join(e.path, "run.json")):
+            if os.path.isfile(os.path.join(e.path, RUN_JSON)):
                 out.append((e.name, e.path))
                 continue
             try:
                 for sub in sorted(os.scandir(e.path), key=lambda s: s.name):
                     if sub.name.startswith(".") or not sub.is_dir() or (sub.is_symlink() and not inside(self.root, sub.path)):
                         continue
-                    if os.path.isfile(os.path.join(sub.path, "run.json")):
+                    if os.path.isfile(os.path.join(sub.path, RUN_JSON)):
                         out.append((f"{e.name}/{sub.name}", sub.path))
             except OSError:
                 continue
