@@ -146,7 +146,7 @@ def _launch_parallel(resolved, run_dir: Optional[Path], gpus: Optional[int], cpu
     """Start N workers that each run this same `train` on the resolved recipe and one run directory."""
     import tempfile
 
-    from . import distributed, fastpath, rundir
+    from . import devices, distributed, rundir
 
     if gpus and cpu_processes:
         raise UserError("--gpus and --cpu-processes exclude each other", "pass one of them")
@@ -164,7 +164,7 @@ def _launch_parallel(resolved, run_dir: Optional[Path], gpus: Optional[int], cpu
     target = run_dir or rundir.new_run_dir(resolved.output_dir, resolved.name, None)
     with tempfile.TemporaryDirectory(prefix="qlora-kit-launch-") as tmp:
         argv = _worker_argv(resolved, Path(tmp), target, force, auto_batch)
-        threads = max(1, fastpath.usable_cores() // n) if cpu_processes else None  # as one process would use them
+        threads = max(1, devices.usable_cores() // n) if cpu_processes else None  # as one process would use them
         code = distributed.launch(argv, n, "fsdp" if fsdp else "ddp", cpu_threads=threads)
     if code == 0:
         print(target)
@@ -520,7 +520,7 @@ def data_synth_cmd(
     seed: int = typer.Option(0, "--seed", help="same seed, same file"),
 ) -> None:
     """Generate a starter set of synthetic Q/A pairs from templates (fixed seed)."""
-    from .data.synth import finance as synth
+    from . import synth
 
     if domain not in synth.DOMAINS:
         raise UserError(f"no synthetic generator for '{domain}'", f"available: {', '.join(synth.DOMAINS)}")

@@ -14,22 +14,8 @@ import os
 from dataclasses import asdict, dataclass
 
 from .attention import Layout
+from .devices import LARGE_VOCAB, has_gpu, liger_available, usable_cores
 from .errors import UserError
-
-# Full logits of a micro-batch in fp32 stop being small around this vocabulary size (Llama 3:
-# 128k, Qwen2.5: 152k; Llama 2 / Mistral: 32k): from here on a GPU computes the loss in tiles.
-LARGE_VOCAB = 65536
-
-
-def liger_available() -> bool:
-    import importlib.util
-
-    # the package first: without it `qlora-kit plan` (which asks this) never imports torch (about 1 s)
-    if importlib.util.find_spec("liger_kernel") is None:
-        return False
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def choose_loss_head(training, vocab_size: int, gpu: bool, liger: bool) -> tuple[str, str]:
@@ -279,15 +265,6 @@ def _build_keep(original, dequantize_4bit):
 # --- threads ------------------------------------------------------------------------------------------
 
 
-def usable_cores() -> int:
-    """The cores this process may run on (`os.sched_getaffinity`: a container's or taskset's share,
-    not the machine's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not Linux
-        return os.cpu_count() or 1
-
-
 def set_threads() -> dict:
     """torch intra-op threads = usable_cores(), or an explicit OMP_NUM_THREADS; inter-op threads 1
     (a training step has no independent ops to overlap). Returns what was set."""
@@ -345,7 +322,6 @@ def decide(recipe, model_dir: str, threads: dict | None = None) -> FastPath:
     """Layout and attention kernel, loss head, and (gradient_checkpointing: auto) checkpointing from
     the memory plan within this machine's budget: the GPU's free memory, on CPU the available RAM."""
     from . import attention, plan
-    from .model import has_gpu
 
     gpu = has_gpu()
     layout = attention.choose(recipe.training, gpu, attention.flash_attn_available())

@@ -120,7 +120,8 @@ def run(run_dir: str | Path, out: str | Path | None = None, dtype: str = "bf16",
     r, out = _checked(run_dir, out, dtype, grants)  # every refusal before torch loads
     import torch
 
-    from .model import load_saved_tokenizer, quiet_libraries
+    from .model import load_saved_tokenizer
+    from .quiet import quiet_libraries
 
     quiet_libraries()
     tokenizer = load_saved_tokenizer(r.tokenizer_dir, r.recipe.trust_remote_code)
@@ -372,7 +373,8 @@ def combine(specs: list[str], out: str | Path, method: str = "linear", density: 
     """Combine several runs' adapters into one, written as the run directory `out` (adapter/,
     tokenizer/, recipe.yaml, run.json, README.md) that every command takes like a trained run;
     then, unless `adapter_only`, merge it into out/merged with merge's logit check."""
-    from .model import quiet_libraries, refuse_unsafe
+    from .model import refuse_unsafe
+    from .quiet import quiet_libraries
     from .recipe import Grants
 
     grants = grants or Grants()

@@ -14,15 +14,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .devices import has_gpu
 from .errors import UserError
 from .recipe import Recipe
 from .template import DEFAULT_CHAT_TEMPLATE
 
 PAD_CANDIDATES = ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>", "<|endoftext|>", "<unk>")
-
-
-def has_gpu() -> bool:
-    return torch.cuda.is_available()
 
 
 def compute_dtype(recipe: Recipe) -> torch.dtype:
@@ -52,26 +49,6 @@ def bnb_config(recipe: Recipe):
         bnb_4bit_compute_dtype=compute_dtype(recipe),
         **extra,
     )
-
-
-def quiet_libraries() -> None:
-    """Keep the terminal for qlora-kit's own messages: no per-file progress bars, no known warnings."""
-    import logging
-    import warnings
-
-    from .quiet import library_notes
-
-    library_notes()
-    import datasets
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
-    # bitsandbytes has no paged memory on CPU; the CPU fallback is expected, not a problem
-    warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
 
 
 # --- finding the base model -----------------------------------------------------------------------

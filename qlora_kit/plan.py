@@ -31,6 +31,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .devices import LARGE_VOCAB, liger_available
 from .errors import UserError
 
 GiB = 1 << 30
@@ -353,8 +354,6 @@ def default_loss_head(training, shape: Shape, device: str) -> str:
     """The head train picks on `device` (fastpath.choose_loss_head), without asking TRL whether it has
     the tiled head (that would import TRL and torch into `plan`): liger when training.liger_kernel
     is true (train uses it on the GPU, or refuses) or auto with liger-kernel installed."""
-    from .fastpath import LARGE_VOCAB, liger_available
-
     if device == "cpu":
         return "model"
     if training.liger_kernel is True or (training.liger_kernel == "auto" and liger_available()):

@@ -72,7 +72,7 @@ def build(name: str, out: Path) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-    from .model import quiet_libraries
+    from .quiet import quiet_libraries
 
     quiet_libraries()
     torch.manual_seed(0)

@@ -32,7 +32,7 @@ def make_rows(n: int, seed: int = 0) -> list[dict]:
     """Synthetic finance extractions (the recipe's own generator) mixed with short legal Q/A."""
     rng = random.Random(seed)
     try:
-        from qlora_kit.data.synth import finance as synth
+        from qlora_kit import synth
 
         rows = synth.generate("finance", n // 2, seed)
     except Exception:
@@ -76,7 +76,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from qlora_kit import data as data_mod
     from qlora_kit.data import check as datacheck
-    from qlora_kit.model import load_tokenizer, prepare_tokenizer, quiet_libraries, resolve_base_model
+    from qlora_kit.model import load_tokenizer, prepare_tokenizer, resolve_base_model
+    from qlora_kit.quiet import quiet_libraries
     from qlora_kit.recipe import Recipe
     from qlora_kit.rundir import versions
 

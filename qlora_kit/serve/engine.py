@@ -118,7 +118,8 @@ class Engine:
         opened = {name: open_run(path, grants) for name, path in runs.items()}
         from peft import PeftModel
 
-        from ..model import load_4bit, load_saved_tokenizer, quiet_libraries
+        from ..model import load_4bit, load_saved_tokenizer
+        from ..quiet import quiet_libraries
 
         quiet_libraries()
         model, adapters, base_path = None, {}, None
@@ -142,7 +143,8 @@ class Engine:
     def from_merged(cls, path: str | Path, grants=None) -> Engine:
         from transformers import AutoModelForCausalLM
 
-        from ..model import load_saved_tokenizer, quiet_libraries, refuse_unsafe
+        from ..model import load_saved_tokenizer, refuse_unsafe
+        from ..quiet import quiet_libraries
         from ..recipe import Grants, load_saved
 
         grants = grants or Grants()

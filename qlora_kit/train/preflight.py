@@ -115,7 +115,8 @@ def encode_samples(recipe: Recipe, pre: Preflight):
     """3. tokenizer and template; answer-only labels with EOS in the loss (cached by content).
     Returns (tokenizer, its template/stop-token facts, train rows, eval rows)."""
     from ..data import check as datacheck
-    from ..model import load_tokenizer, prepare_tokenizer, quiet_libraries
+    from ..model import load_tokenizer, prepare_tokenizer
+    from ..quiet import quiet_libraries
 
     quiet_libraries()
     tokenizer = load_tokenizer(pre.model_dir, recipe)
