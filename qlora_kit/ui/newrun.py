@@ -195,15 +195,15 @@ def resolve(spec: dict):
 
 
 def check(spec: dict) -> dict:
-    """train.preflight + the data report with token lengths (as `data check --recipe` shows it)."""
-    from .. import train
+    """train's preflight + the data report with token lengths (as `data check --recipe` shows it)."""
+    from ..train.preflight import preflight, require_trainable, training_rows  # here: it loads a tokenizer
 
     recipe = resolve(spec)
-    pre = train.preflight(recipe, quiet=True, measure=True)  # one pass over the data, with token lengths
+    pre = preflight(recipe, quiet=True, measure=True)  # one pass over the data, with token lengths
     prep = pre.prep
     # train refuses this after encoding, past its preflight: the same check, from train itself
     if prep.encoded is not None:
-        train.require_trainable(train.training_rows(prep, prep.train_idx), prep, recipe)
+        require_trainable(training_rows(prep, prep.train_idx), prep, recipe)
     return {"recipe": recipe.name, "recipe_yaml": recipe.to_yaml(), "report": prep.report, "plan": pre.plan,
             "warnings": list(pre.warnings), "model_dir": pre.model_dir}
 
