@@ -165,7 +165,8 @@ def _launch_parallel(resolved, run_dir: Optional[Path], gpus: Optional[int], cpu
     with tempfile.TemporaryDirectory(prefix="qlora-kit-launch-") as tmp:
         argv = _worker_argv(resolved, Path(tmp), target, force, auto_batch)
         threads = max(1, devices.usable_cores() // n) if cpu_processes else None  # as one process would use them
-        code = distributed.launch(argv, n, "fsdp" if fsdp else "ddp", cpu_threads=threads)
+        worker = [sys.executable, "-u", "-m", "qlora_kit.cli", "train", *argv]  # `qlora-kit train` in each
+        code = distributed.launch(worker, n, distributed.worker_env("fsdp" if fsdp else "ddp", threads))
     if code == 0:
         print(target)
     elif made and Path(target).is_dir() and not any(Path(target).iterdir()):

@@ -74,16 +74,13 @@ def init() -> World:
 
 
 def silence() -> None:
-    """Non-zero ranks print nothing: one run, one log."""
+    """Non-zero ranks print nothing: one run, one log. Every command prints to the one console of
+    qlora_kit.terminal, so quieting it quiets them all without importing any of them."""
     import logging
 
-    from . import merge, train
-    from .data import check as datacheck
+    from .terminal import console
 
-    for mod in (train, datacheck, merge):
-        con = getattr(mod, "console", None)
-        if con is not None:
-            con.quiet = True
+    console.quiet = True
     logging.getLogger().setLevel(logging.ERROR)
     try:
         import transformers
@@ -155,45 +152,31 @@ def check_request(gpus: int, cpu: bool, fsdp: bool) -> None:
                         "to try the data-parallel path without GPUs, --cpu-processes 2 runs it on CPU (gloo; slow)")
 
 
-def launch(train_argv: list[str], processes: int, strategy: str, cpu_threads: int | None = None) -> int:
-    """Run `qlora-kit train <train_argv>` in `processes` workers under torchrun's agent; returns
-    rank 0's exit code (0, 2 for a user mistake, 130 when interrupted, 1 otherwise).
+def worker_env(strategy: str, cpu_threads: int | None = None) -> dict[str, str]:
+    """What the workers get on top of this process's environment (which stays as it is): the
+    strategy, and OMP_NUM_THREADS: `cpu_threads` for a CPU run (a run's speed depends on it), else
+    this process's own or 1, torchrun's default for several workers on one machine."""
+    threads = str(cpu_threads) if cpu_threads else os.environ.get("OMP_NUM_THREADS", "1")
+    return {STRATEGY_ENV: strategy, "OMP_NUM_THREADS": threads}
+
+
+def launch(command: list[str], processes: int, env: dict[str, str]) -> int:
+    """Run `command` (a program and its arguments) in `processes` workers under torchrun's agent,
+    each with `env` added to this process's environment; returns rank 0's exit code (0, 2 for a
+    user mistake, 130 when interrupted, 1 otherwise).
 
     The agent runs in a thread: torchrun installs its signal handlers only in the main thread,
     and those would turn Ctrl-C into "kill every worker" (SIGINT, then SIGKILL after 30 s). Its
     workers run in sessions of their own, so Ctrl-C does not reach them; this process forwards
     each Ctrl-C (or SIGTERM) to them instead: every rank saves a checkpoint at the same agreed step
     and exits 130; a second Ctrl-C stops them at once, as with one process."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import get_args_parser, run
-
     import logging
 
     # it warns that it cannot install its signal handlers in a thread: that is the point, see above
     # and it logs each worker's non-zero exit; rank 0 has already said why (an interrupt, a bad file)
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
-    env = {STRATEGY_ENV: strategy}
-    if cpu_threads:
-        # torchrun would set OMP_NUM_THREADS=1; fix it per worker instead (a run's speed depends on it)
-        env["OMP_NUM_THREADS"] = str(cpu_threads)
-    os.environ.update(env)
-    args = get_args_parser().parse_args(
-        ["--standalone", f"--nproc-per-node={processes}", "--max-restarts=0", "--monitor-interval=0.5",
-         "-m", "qlora_kit.cli", "train", *train_argv])
     result: dict = {}
-
-    def agent():
-        try:
-            run(args)
-            result["code"] = 0
-        except ChildFailedError as e:
-            codes = {f.local_rank: f.exitcode for f in e.failures.values()}
-            code = codes.get(0, next(iter(codes.values()), 1))
-            result["code"] = code if code in (1, 2, 130) else 1
-        except BaseException as e:  # noqa: BLE001 - reported below, the CLI maps it to exit 1
-            result["error"] = e
-
-    interrupts = []
+    interrupts: list[int] = []
 
     def forward(signum, frame):
         interrupts.append(signum)
@@ -207,7 +190,8 @@ def launch(train_argv: list[str], processes: int, strategy: str, cpu_threads: in
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        th = threading.Thread(target=agent, name="torchrun-agent", daemon=True)
+        th = threading.Thread(target=_agent, args=(command, processes, env, result), name="torchrun-agent",
+                              daemon=True)
         th.start()
         while th.is_alive():
             th.join(0.2)
@@ -217,6 +201,32 @@ def launch(train_argv: list[str], processes: int, strategy: str, cpu_threads: in
     if "error" in result:
         raise result["error"]
     return 130 if interrupts and result.get("code") else result.get("code", 1)
+
+
+def _agent(command: list[str], processes: int, env: dict[str, str], result: dict) -> None:
+    """torchrun's agent as `torchrun --standalone --nproc-per-node=N --max-restarts=0
+    --monitor-interval=0.5` runs it, started through its Python API (torchrun's command line would
+    write OMP_NUM_THREADS into this process's environment). Each worker is `env K=V ... command`:
+    the variables reach the workers alone. Puts the exit code (or the error) into `result`."""
+    import shutil
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=processes, run_id=str(uuid.uuid4()),
+                          role="default", rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
+                          monitor_interval=0.5,
+                          log_line_prefix_template=os.environ.get("TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE"))
+    try:
+        elastic_launch(config, shutil.which("env") or "env")(*[f"{k}={v}" for k, v in env.items()], *command)
+        result["code"] = 0
+    except ChildFailedError as e:
+        codes = {f.local_rank: f.exitcode for f in e.failures.values()}
+        code = codes.get(0, next(iter(codes.values()), 1))
+        result["code"] = code if code in (1, 2, 130) else 1
+    except BaseException as e:  # noqa: BLE001 - reported by launch, the CLI maps it to exit 1
+        result["error"] = e
 
 
 def _children() -> list[int]:

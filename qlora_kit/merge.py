@@ -27,13 +27,11 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from rich.console import Console
-
 from . import rundir
 from .errors import UserError
 from .run import RunInfo, data_changed, is_run_dir, open_run, read_info, resolve, write_info
+from .terminal import console
 
-console = Console(stderr=True, soft_wrap=True)
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 # Max |logit difference| accepted between the merged model (in the working dtype) and the adapter.

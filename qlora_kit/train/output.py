@@ -1,7 +1,5 @@
-"""The one console a training run prints to: stderr, so stdout stays free for what a command
-returns. Every step of the run prints here, so distributed.silence can quiet it on the workers
-that are not rank 0 (one run, one log)."""
+"""The console a training run prints to: qlora_kit.terminal's, the one every command shares (stderr,
+so stdout stays free for what a command returns), so that distributed.silence, which imports no
+command, quiets it on the workers that are not rank 0 (one run, one log)."""
 
-from rich.console import Console
-
-console = Console(stderr=True, soft_wrap=True)
+from ..terminal import console  # noqa: F401 - the steps of the run import it from here
