@@ -392,3 +392,28 @@ def attach_lora(model, recipe: Recipe, eos_id: int | None = None):
     # which doubles their memory and makes the logits fp32 (DESIGN.md section 4).
     peft_model = get_peft_model(model, lora_config(recipe, model, eos_id))
     return peft_model
+
+
+def load_tokenizer_for_check(recipe: Recipe):
+    """The recipe's tokenizer without downloading weights, for `data check` and train's data step;
+    (tokenizer, stop_ids, note): the note says why there is none (offline, gated, not found)."""
+    from .quiet import quiet_libraries
+
+    quiet_libraries()
+    spec = recipe.base_model
+    try:
+        if spec.startswith("builtin:") or Path(spec).expanduser().exists():
+            model_dir = resolve_base_model(spec)
+        else:
+            from huggingface_hub import snapshot_download
+
+            model_dir = snapshot_download(spec, revision=recipe.revision,
+                                          allow_patterns=["tokenizer*", "*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken"],
+                                          ignore_patterns=["*.safetensors*", "*.bin*"])
+        tok = load_tokenizer(model_dir, recipe)
+        info = prepare_tokenizer(tok, recipe, model_dir)
+        return tok, set(info.stop_token_ids), None
+    except UserError as e:
+        return None, None, f"tokenizer of {spec} unavailable ({e.message.split(';')[0]}); pass --base-model DIR"
+    except Exception as e:  # offline hub, gated repo, ...
+        return None, None, f"tokenizer of {spec} unavailable ({type(e).__name__}); pass --base-model DIR"

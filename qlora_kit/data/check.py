@@ -174,7 +174,25 @@ def conversations(prep: Prepared, recipe: Recipe) -> list:
 def _check(recipe: Recipe, key: str) -> Prepared:
     d = recipe.data
     ds = data_mod.load_recipe_data(d)
-    convs, wheres, source_of = ds.conversations, ds.wheres, ds.source_of
+    convs, wheres = ds.conversations, ds.wheres
+    report, warnings = _read_report(ds)
+    if d.scrub_pii:
+        from . import pii
+
+        convs, counts = pii.scrub_conversations(convs)
+        report["pii_redacted"] = dict(counts)
+    _template_report(d, ds, convs, wheres, report, warnings)  # after redaction: it quotes a question
+    convs, wheres, questions, clusters, source_of = _duplicates(d, ds, convs, wheres, report, warnings)
+    _row_warnings(ds, convs, wheres, questions, report, warnings)
+    train_idx, eval_idx = _split_report(d, clusters, source_of, report, warnings)
+    report["chars"] = {"question": _percentiles([len(q) for q in questions]),
+                       "answer": _percentiles([len(data_mod.answer_text(c)) for c in convs])}
+    report["warnings"] = warnings
+    return Prepared(key, convs, wheres, train_idx, eval_idx, None, report)
+
+
+def _read_report(ds) -> tuple[dict, list[str]]:
+    """What reading found: the files, their rows and columns, and the rows it could not use."""
     warnings: list[str] = []
     report: dict = {
         "file": _files_label(ds), "format": ds.format, "encoding": ds.encoding, "layout": ds.layout,
@@ -194,14 +212,13 @@ def _check(recipe: Recipe, key: str) -> Prepared:
     if ds.not_read:
         warnings.append(f"{len(ds.not_read)} files in the data folder not read: "
                         + "; ".join(f"{Path(p).name} ({r})" for p, r in ds.not_read[:5]))
+    return report, warnings
 
-    if d.scrub_pii:
-        from . import pii
 
-        convs, counts = pii.scrub_conversations(convs)
-        report["pii_redacted"] = dict(counts)
-    _template_report(d, ds, convs, wheres, report, warnings)  # after redaction: it quotes a question
-
+def _duplicates(d, ds, convs: list, wheres: list[str], report: dict, warnings: list[str]):
+    """Exact and near duplicates reported; exact ones dropped when the recipe says so.
+    -> (conversations, wheres, questions, duplicate clusters, source of each row), what is kept."""
+    source_of = ds.source_of
     questions = [data_mod.question_text(c) for c in convs]
     answers = [data_mod.answer_text(c) for c in convs]
     dups = dedup.find(questions, answers)
@@ -224,6 +241,11 @@ def _check(recipe: Recipe, key: str) -> Prepared:
     if dups.near:
         warnings.append(f"{len(dups.near)} near-duplicate rows (same question after normalising, or >= 80% similar); "
                         "kept, but never split across train and eval")
+    return convs, wheres, questions, clusters, source_of
+
+
+def _row_warnings(ds, convs: list, wheres: list[str], questions: list[str], report: dict, warnings: list[str]) -> None:
+    """Rows that read but look wrong (an empty-looking question, a placeholder), and the tool-calling rows."""
     # "无" / "none" in the question column usually means the question is in another column
     empty_words = {"无", "没有", "暂无", "空", "none", "null", "n/a", "na", "nan", "-"}
     empty_like = [wheres[i] for i, q in enumerate(questions) if len(q.strip()) <= 1 or q.strip().lower() in empty_words]
@@ -242,8 +264,11 @@ def _check(recipe: Recipe, key: str) -> Prepared:
         warnings.append(f"{placeholders} rows contain template placeholders such as {{{{name}}}}: fill them in first")
         report["placeholder_rows"] = placeholders
 
-    # A row-level random split (what most tools do) vs. qlora-kit's split by duplicate cluster.
-    n = len(convs)
+
+def _split_report(d, clusters: list[int], source_of: list[int], report: dict, warnings: list[str]):
+    """The split by duplicate cluster, and the leakage a row-level random split (what most tools do)
+    would have had. -> (train indices, eval indices)"""
+    n = len(clusters)
     naive_tr, naive_ev = data_mod.split(n, d.eval_fraction, d.split_seed)
     in_train = {clusters[i] for i in naive_tr}
     naive_leak = sum(1 for i in naive_ev if clusters[i] in in_train)
@@ -259,11 +284,7 @@ def _check(recipe: Recipe, key: str) -> Prepared:
         src.setdefault("duplicates_dropped", 0)
         src["train"] = sum(1 for i in train_idx if source_of[i] == k)
         src["eval"] = sum(1 for i in eval_idx if source_of[i] == k)
-    report["chars"] = {"question": _percentiles([len(q) for q in questions]),
-                       "answer": _percentiles([len(data_mod.answer_text(c)) for c in convs])}
-
-    report["warnings"] = warnings
-    return Prepared(key, convs, wheres, train_idx, eval_idx, None, report)
+    return train_idx, eval_idx
 
 
 def _files_label(ds) -> str:
@@ -355,103 +376,3 @@ def encode(prep: Prepared, recipe: Recipe, tokenizer, stop_ids: set[int] | None 
                         f"(e.g. {no_answer[0]}); they are not trained on")
     first = train_idx[0] if train_idx else 0
     report["sample"] = {"where": wheres[first], "segments": _segments(tokenizer, encoded[first])}
-
-
-
-# --- presentation ---------------------------------------------------------------------------------
-
-
-def render(report: dict, console) -> None:
-    from rich.table import Table
-    from rich.text import Text
-
-    t = Table(title=f"data check: {report['file']}", show_header=False, title_justify="left")
-    t.add_column("what", style="bold")
-    t.add_column("value", overflow="fold")
-    t.add_row("format / encoding", f"{report['format']} / {report['encoding']}")
-    t.add_row("layout", report["layout"])
-    t.add_row("rows read", str(report["rows_read"]))
-    sources = report.get("sources") or []
-    for src in sources if len(sources) > 1 else ():
-        t.add_row(f"  {src['path']}", f"{src['format']}: {src['rows_read']} read, {src['rows']} usable, "
-                  f"duplicates dropped {src.get('duplicates_dropped', 0)}, train / eval {src.get('train')} / {src.get('eval')}")
-    t.add_row("columns not used", _unused_line(sources))
-    t.add_row("unreadable rows skipped", str(len(report["bad_rows"])))
-    t.add_row("dropped (empty Q or A)", str(len(report["dropped"])))
-    du = report["duplicates"]
-    t.add_row("exact duplicates", f"{du['exact']}" + (f" ({du.get('exact_dropped', 0)} dropped)" if du.get("exact_dropped") else ""))
-    t.add_row("near duplicates", str(du["near"]))
-    sp = report["split"]
-    t.add_row("train / eval", f"{sp['train']} / {sp['eval']}")
-    t.add_row("train/eval leakage", f"{sp['leakage']} (a plain row split would leak {sp['leakage_with_row_split']})")
-    if "tool_calls" in report:
-        tc = report["tool_calls"]
-        t.add_row("tool-calling rows", f"{tc['rows']} ({tc['calls']} calls trained on, {tc['results']} tool results not trained on)")
-    if "pii_redacted" in report:
-        t.add_row("personal data redacted", ", ".join(f"{k} {v}" for k, v in report["pii_redacted"].items()) or "none found")
-    tok = report["tokens"]
-    if "skipped" in tok:
-        t.add_row("token lengths", f"skipped: {tok['skipped']}")
-        ch = report["chars"]
-        t.add_row("characters (question / answer)", f"p50 {ch['question'].get('p50')} / {ch['answer'].get('p50')}, "
-                  f"max {ch['question'].get('max')} / {ch['answer'].get('max')}")
-    else:
-        L = tok["length"]
-        t.add_row("tokenizer", f"{tok['tokenizer']}" + (" (cached)" if tok["cached"] else ""))
-        t.add_row("tokens per sample", f"min {L['min']} · p50 {L['p50']} · p90 {L['p90']} · p99 {L['p99']} · max {L['max']}")
-        t.add_row(f"longer than max_length {tok['max_length']}", f"{tok['truncated']} (answer cut in {tok['answer_cut']})")
-        if tok.get("context"):
-            t.add_row("max_length capped", f"{tok['context']['requested']} -> {tok['context']['used']} (the model's context)")
-    console.print(t)
-    for key, title in (("bad_rows", "unreadable"), ("dropped", "dropped")):
-        for row in report[key][:10]:
-            console.print(f"  [yellow]{title}[/] {row['where']}: {row['reason']}", highlight=False)
-        if len(report[key]) > 10:
-            console.print(f"  ... and {len(report[key]) - 10} more")
-    for ex in du["near_examples"][:3]:
-        console.print(f"  [cyan]near duplicate[/] {ex['row']} ~ {ex['like']}: {ex['question']}", highlight=False)
-    for w in report["warnings"]:
-        console.print(f"[yellow]warning[/]: {w}", highlight=False)
-    if report.get("question_template"):
-        ex = report["question_template"]["example"]
-        console.print(f"\nquestion made by the template, {ex['where']}:\n{ex['question']}", highlight=False, markup=False)
-    if "sample" in report:
-        console.print(f"\nsample {report['sample']['where']} ([green]green[/] carries loss):")
-        text = Text()
-        for seg, loss in report["sample"]["segments"]:
-            text.append(seg, style="bold green" if loss else "dim")
-        console.print(text)
-
-
-def _unused_line(sources: list[dict]) -> str:
-    """Columns read by nothing (no field, no template): "none", or per file when there are several."""
-    if not any(s.get("unused_columns") for s in sources):
-        return "none"
-    if len(sources) == 1:
-        return ", ".join(sources[0]["unused_columns"])
-    return "; ".join(f"{Path(s['path']).name}: {', '.join(s['unused_columns']) or 'none'}" for s in sources)
-
-
-def load_tokenizer_for_check(recipe: Recipe):
-    """The recipe's tokenizer without downloading weights; (tokenizer, stop_ids, note)."""
-    from ..model import load_tokenizer, prepare_tokenizer, resolve_base_model
-    from ..quiet import quiet_libraries
-
-    quiet_libraries()
-    spec = recipe.base_model
-    try:
-        if spec.startswith("builtin:") or Path(spec).expanduser().exists():
-            model_dir = resolve_base_model(spec)
-        else:
-            from huggingface_hub import snapshot_download
-
-            model_dir = snapshot_download(spec, revision=recipe.revision,
-                                          allow_patterns=["tokenizer*", "*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken"],
-                                          ignore_patterns=["*.safetensors*", "*.bin*"])
-        tok = load_tokenizer(model_dir, recipe)
-        info = prepare_tokenizer(tok, recipe, model_dir)
-        return tok, set(info.stop_token_ids), None
-    except UserError as e:
-        return None, None, f"tokenizer of {spec} unavailable ({e.message.split(';')[0]}); pass --base-model DIR"
-    except Exception as e:  # offline hub, gated repo, ...
-        return None, None, f"tokenizer of {spec} unavailable ({type(e).__name__}); pass --base-model DIR"

@@ -37,8 +37,9 @@ def preflight(recipe: Recipe, quiet: bool = False, measure: bool = False) -> Pre
     say = (lambda *a, **k: None) if quiet else console.print
     # 1. data: read, check, split (no model yet, so bad files fail in a second)
     from ..data import check as datacheck
+    from ..model import load_tokenizer_for_check
 
-    prep = datacheck.prepare(recipe, *datacheck.load_tokenizer_for_check(recipe)) if measure else datacheck.prepare(recipe)
+    prep = datacheck.prepare(recipe, *load_tokenizer_for_check(recipe)) if measure else datacheck.prepare(recipe)
     rep = prep.report
     say(f"data: {rep['split']['train'] + rep['split']['eval']} conversations from {rep['file']} "
         f"({rep['format']}, {rep['encoding']}, {rep['layout']})")
