@@ -15,6 +15,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from . import domains
 from .errors import UserError
 from .data.rowtemplate import from_command_line
 
@@ -54,12 +55,12 @@ def recipes_cmd() -> None:
     """List the built-in recipes: name, base model, data, what each is for."""
     from rich.table import Table
 
-    from .recipe import BUILTIN_RECIPES, builtin_recipe_path, read_recipe_file
+    from .recipe import builtin_recipe_path, read_recipe_file
 
     table = Table(title="qlora-kit recipes")
     for col in ("name", "base model", "data", "for"):
         table.add_column(col, overflow="fold")
-    for name in BUILTIN_RECIPES:
+    for name in domains.names():
         path = builtin_recipe_path(name)
         if path is None:
             continue
@@ -72,7 +73,7 @@ def recipes_cmd() -> None:
 
 @app.command("train")
 def train_cmd(
-    recipe: str = typer.Argument(..., help="built-in recipe name (legal, medical, finance, industrial) or a YAML file"),
+    recipe: str = typer.Argument(..., help=f"built-in recipe name ({', '.join(domains.names())}) or a YAML file"),
     data: list[Path] = typer.Option([], "--data", help="data file or folder to train on (repeatable: read as one "
                                     "dataset; overrides data.path)"),
     base_model: Optional[str] = typer.Option(None, "--base-model", help="hub id, local model folder, or builtin:tiny"),
@@ -146,7 +147,7 @@ def _launch_parallel(resolved, run_dir: Optional[Path], gpus: Optional[int], cpu
     """Start N workers that each run this same `train` on the resolved recipe and one run directory."""
     import tempfile
 
-    from . import devices, distributed, rundir
+    from . import distributed, fastpath, rundir
 
     if gpus and cpu_processes:
         raise UserError("--gpus and --cpu-processes exclude each other", "pass one of them")
@@ -164,9 +165,8 @@ def _launch_parallel(resolved, run_dir: Optional[Path], gpus: Optional[int], cpu
     target = run_dir or rundir.new_run_dir(resolved.output_dir, resolved.name, None)
     with tempfile.TemporaryDirectory(prefix="qlora-kit-launch-") as tmp:
         argv = _worker_argv(resolved, Path(tmp), target, force, auto_batch)
-        threads = max(1, devices.usable_cores() // n) if cpu_processes else None  # as one process would use them
-        worker = [sys.executable, "-u", "-m", "qlora_kit.cli", "train", *argv]  # `qlora-kit train` in each
-        code = distributed.launch(worker, n, distributed.worker_env("fsdp" if fsdp else "ddp", threads))
+        threads = max(1, fastpath.usable_cores() // n) if cpu_processes else None  # as one process would use them
+        code = distributed.launch(argv, n, "fsdp" if fsdp else "ddp", cpu_threads=threads)
     if code == 0:
         print(target)
     elif made and Path(target).is_dir() and not any(Path(target).iterdir()):
@@ -285,12 +285,12 @@ def eval_cmd(
 ) -> None:
     """Base vs tuned on held-out questions: domain metrics, report.md/.html, a blind review.csv to grade."""
     if grades:
-        from .eval import grades as grading
+        from .eval import evaluate
 
         if data or limit or max_new_tokens or json_schema:
             raise UserError("--grades reads grades back and answers no questions: --data, --limit, "
                             "--max-new-tokens and --json-schema do not apply", f"run `qlora-kit eval {run_dir}` and `--grades` separately")
-        grading.run(run_dir, grades)
+        evaluate.grade(run_dir, grades)
         print(run_dir / "report.html")
         return
     from .eval import evaluate
@@ -475,21 +475,18 @@ def data_check_cmd(
     import json
 
     from .data import check as datacheck
-    from .data.render import render
 
     rec = _data_recipe(recipe, files, base_model, columns, skip_bad, max_length, scrub, question_template)
     tok = stop = note = None
     if rec.base_model != "builtin:none":
-        from .model import load_tokenizer_for_check
-
-        tok, stop, note = load_tokenizer_for_check(rec)
+        tok, stop, note = datacheck.load_tokenizer_for_check(rec)
     else:
         note = "pass --recipe or --base-model to measure token lengths"
     prep = datacheck.prepare(rec, tok, stop, note)
     if as_json:
         print(json.dumps(prep.report, ensure_ascii=False, indent=2))
     else:
-        render(prep.report, err)
+        datacheck.render(prep.report, err)
 
 
 @data_app.command("scrub")
@@ -518,7 +515,7 @@ def data_scrub_cmd(
 
 @data_app.command("synth")
 def data_synth_cmd(
-    domain: str = typer.Argument(..., help="finance: contract clauses -> JSON extraction"),
+    domain: str = typer.Argument(..., help="; ".join(f"{d.name}: {d.synth_about}" for d in map(domains.get, domains.with_synth()))),
     n: int = typer.Option(2000, "-n", help="number of pairs"),
     out_file: Path = typer.Option(..., "-o", "--out", help="output JSONL"),
     seed: int = typer.Option(0, "--seed", help="same seed, same file"),
@@ -526,11 +523,12 @@ def data_synth_cmd(
     """Generate a starter set of synthetic Q/A pairs from templates (fixed seed)."""
     from . import synth
 
-    if domain not in synth.DOMAINS:
-        raise UserError(f"no synthetic generator for '{domain}'", f"available: {', '.join(synth.DOMAINS)}")
+    generate = domains.synth_generator(domain)
+    if generate is None:
+        raise UserError(f"no synthetic generator for '{domain}'", f"available: {', '.join(domains.with_synth())}")
     if n < 1:
         raise UserError("-n must be at least 1")
-    synth.write_jsonl(out_file, synth.generate(domain, n, seed))
+    synth.write_jsonl(out_file, generate(n=n, seed=seed))
     err.print(f"wrote {n} {domain} pairs (seed {seed})")
     print(out_file)
 

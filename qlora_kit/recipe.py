@@ -19,13 +19,15 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
+from . import domains
 from .errors import UserError
 
 # Recipes ship at the repository top level; an installed wheel carries them inside the package.
 _PKG_DIR = Path(__file__).resolve().parent
 RECIPE_DIRS = [_PKG_DIR / "recipes", _PKG_DIR.parent / "recipes"]
-BUILTIN_RECIPES = ("medical", "legal", "finance", "industrial")
+BUILTIN_RECIPES = domains.names()  # as registered at import; code asks domains.names() (a domain may be added later)
 
 
 class _Section(BaseModel):
@@ -156,15 +158,25 @@ class TrainingConfig(_Section):
 
 
 class EvaluationConfig(_Section):
-    task: Literal["generic", "legal", "finance", "medical", "industrial"] = Field(
-        "generic", description="which domain metrics `qlora-kit eval` adds to the generic ones")
-    glossary: list[str] = Field(default_factory=list, description="terms an answer should use (medical, industrial)")
+    task: str = Field("generic", description="which domain metrics `qlora-kit eval` adds to the generic ones: "
+                                             "generic or a domain of domains.py")
+    glossary: list[str] = Field(default_factory=list, description="terms an answer should use (read by the key-term metrics)")
     max_new_tokens: int = Field(256, ge=1)
     limit: int | None = Field(None, ge=1, description="evaluate at most this many held-out samples")
     json_schema: str | None = Field(
         None, description="JSON Schema file the answers follow (relative to the recipe): `eval` also answers under "
                           "it (constrained decoding) and reports valid JSON with and without; `generate`/`chat`/`serve` "
                           "use it when asked (--json-schema, response_format)")
+
+    @field_validator("task", mode="before")
+    @classmethod
+    def _known_task(cls, v):
+        """One of domains.tasks(), checked when validated (not fixed at import), in a Literal's words."""
+        tasks = domains.tasks()
+        if v not in tasks:
+            expected = ", ".join(repr(t) for t in tasks[:-1]) + f" or {tasks[-1]!r}"
+            raise PydanticCustomError("literal_error", "Input should be {expected}", {"expected": expected})
+        return v
 
 
 class Recipe(_Section):
@@ -193,8 +205,13 @@ class Recipe(_Section):
 
 
 def builtin_recipe_path(name: str) -> Path | None:
+    """A domain's recipe (domains.py), else <name>.yaml in the built-in recipe folders."""
+    domain = domains.get(name)
+    file = Path(domain.recipe) if domain else Path(f"{name}.yaml")
+    if file.is_absolute():
+        return file if file.is_file() else None
     for d in RECIPE_DIRS:
-        p = d / f"{name}.yaml"
+        p = d / file
         if p.is_file():
             return p
     return None
@@ -209,9 +226,9 @@ def find_recipe(spec: str) -> Path:
         return p
     found = builtin_recipe_path(spec)
     if found is None:
-        close = difflib.get_close_matches(spec, BUILTIN_RECIPES, n=1)
+        close = difflib.get_close_matches(spec, domains.names(), n=1)
         hint = f"did you mean '{close[0]}'?" if close else "run `qlora-kit recipes` for the list"
-        raise UserError(f"unknown recipe '{spec}' (built-in: {', '.join(BUILTIN_RECIPES)})", hint)
+        raise UserError(f"unknown recipe '{spec}' (built-in: {', '.join(domains.names())})", hint)
     return found
 
 

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from qlora_kit.eval import metrics as M
+from qlora_kit.eval import generic as M
 from qlora_kit.eval.metrics import (aggregate, bleu, citation_scores, citations, cn_to_int, contradicts, exact_match,
                                json_scores, key_terms, normalize, rouge_l, score, term_recall)
 

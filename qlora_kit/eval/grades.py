@@ -441,22 +441,6 @@ def read_all(run_dir: Path, files: list[Path]) -> list[Sheet]:
     return sheets
 
 
-def run(run_dir: str | Path, files: list[Path]) -> dict:
-    """Read graded sheets, write grades.json and the report with the grades in it. No model needed."""
-    from . import report
-
-    run_dir = Path(run_dir)
-    rundir.read_info(run_dir)  # a clear error for a wrong folder
-    summary = summarise(read_all(run_dir, files))
-    summary["created"] = rundir.now()
-    rundir.write_json(run_dir / "grades.json", summary)
-    ev = run_dir / "eval.json"
-    result = json.loads(ev.read_text(encoding="utf-8")) if ev.is_file() else None
-    report.write(run_dir, result, grading=summary, new_sheet=False)
-    print_summary(summary)
-    return summary
-
-
 def pct(x) -> str:
     return "–" if x is None else f"{100 * x:.0f}%"
 

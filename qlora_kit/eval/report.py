@@ -13,27 +13,22 @@ import json
 from pathlib import Path
 
 from .. import rundir
-from . import grades
+from . import grades, metrics
 
-LABELS = {
-    "eval_loss": ("eval loss", False), "perplexity": ("perplexity", False), "exact_match": ("exact match", True),
-    "rouge_l": ("ROUGE-L (char)", True), "bleu": ("BLEU-4 (char)", True), "citation_f1": ("citation F1", True),
-    "citation_exact": ("citation exact", True), "json_valid": ("valid JSON", True),
-    "field_accuracy": ("JSON field accuracy", True),
-    # structured output (eval with a JSON schema): the whole answer one JSON value matching it, free and constrained
-    "json_schema_valid": ("valid JSON + schema, free", True),
-    "json_schema_valid_constrained": ("valid JSON + schema, constrained", True),
-    "field_accuracy_constrained": ("JSON field accuracy, constrained", True), "term_recall": ("key-term recall", True),
-    "contradiction": ("contradiction rate", False), "tokens_per_s": ("tokens/s", True),
-    "tokens_per_s_constrained": ("tokens/s, constrained", True),
-    "latency_p50_s": ("latency p50 (s)", False), "latency_p99_s": ("latency p99 (s)", False),
-}
-PRIMARY = {"legal": "citation_f1", "finance": "field_accuracy", "medical": "term_recall", "industrial": "term_recall"}
+# the run's own numbers around the answers' metrics (metrics.labels(): generic, then each domain family's)
+_LOSS = {"eval_loss": ("eval loss", False), "perplexity": ("perplexity", False)}
+_SPEED = {"tokens_per_s": ("tokens/s", True), "tokens_per_s_constrained": ("tokens/s, constrained", True),
+          "latency_p50_s": ("latency p50 (s)", False), "latency_p99_s": ("latency p99 (s)", False)}
+
+
+def labels() -> dict[str, tuple[str, bool]]:
+    """metric key -> (label, higher is better), in the order of the report's table."""
+    return {**_LOSS, **metrics.labels(), **_SPEED}
 
 
 def metric_rows(summary: dict) -> list[tuple[str, float | None, float | None, float | None, bool]]:
     out = []
-    for key, (label, higher) in LABELS.items():
+    for key, (label, higher) in labels().items():
         b, t = summary["base"].get(key), summary["tuned"].get(key)
         if b is None and t is None:
             continue
@@ -84,7 +79,7 @@ def plot_losses(run_dir: Path) -> Path | None:
 
 
 def best_and_worst(result: dict, k: int = 3):
-    key = PRIMARY.get(result["task"], "rouge_l")
+    key = metrics.primary(result["task"])
 
     def gain(r):
         t, b = r["tuned"].get(key), r["base"].get(key)

@@ -38,10 +38,11 @@ SET_NUMBER_MAX = 2**32  # any number in an extra `--set` line (seeds are the lar
 
 def recipe_defaults() -> list[dict]:
     """What the form is prefilled with, per built-in recipe."""
-    from ..recipe import BUILTIN_RECIPES, resolve
+    from .. import domains
+    from ..recipe import resolve
 
     out = []
-    for name in BUILTIN_RECIPES:
+    for name in domains.names():
         try:
             r, path = resolve(name)
         except UserError:
@@ -83,15 +84,15 @@ def _allowed_path(field: str, typed: str, allowed: list[Path] | None, suffixes: 
 
 
 def _recipe(typed: str, allowed: list[Path] | None) -> str:
-    from ..recipe import BUILTIN_RECIPES
+    from .. import domains
 
-    if typed in BUILTIN_RECIPES:
+    if typed in domains.names():
         return typed
     if Path(typed).suffix.lower() not in RECIPE_SUFFIXES and "/" not in typed and "\\" not in typed:
         import difflib
 
-        close = difflib.get_close_matches(typed, BUILTIN_RECIPES, n=1)
-        raise UserError(f"unknown recipe {typed!r} (built-in: {', '.join(BUILTIN_RECIPES)})",
+        close = difflib.get_close_matches(typed, domains.names(), n=1)
+        raise UserError(f"unknown recipe {typed!r} (built-in: {', '.join(domains.names())})",
                         f"did you mean '{close[0]}'?" if close else "or type the path of a recipe .yaml file")
     return _allowed_path("recipe", typed, allowed, RECIPE_SUFFIXES)
 
