@@ -1,7 +1,7 @@
 """Base + adapters (or a merged model) + each run's stored chat template -> text.
 
-The one place that loads a trained model for inference: `generate`, `eval`, `chat` (and later
-`serve` and `ui`) all go through `Engine`, so every prompt is rendered exactly as in training.
+The one place that loads a trained model for inference: `generate`, `eval`, `chat`, `serve` and
+the ui's chat page all go through `Engine`, so every prompt is rendered exactly as in training.
 One 4-bit base holds any number of adapters; `use(name)` switches without reloading the base,
 `use(None)` answers with the base model itself.
 
