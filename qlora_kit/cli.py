@@ -521,7 +521,7 @@ def data_synth_cmd(
     seed: int = typer.Option(0, "--seed", help="same seed, same file"),
 ) -> None:
     """Generate a starter set of synthetic Q/A pairs from templates (fixed seed)."""
-    from . import synth
+    from .data import synth
 
     generate = domains.synth_generator(domain)
     if generate is None:

@@ -32,7 +32,7 @@ def make_rows(n: int, seed: int = 0) -> list[dict]:
     """Synthetic finance extractions (the recipe's own generator) mixed with short legal Q/A."""
     rng = random.Random(seed)
     try:
-        from qlora_kit import synth
+        from qlora_kit.data import synth
 
         rows = synth.generate("finance", n // 2, seed)
     except Exception:

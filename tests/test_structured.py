@@ -18,7 +18,7 @@ import pytest
 from conftest import ROOT, make_recipe, write_qa
 
 from qlora_kit import recipe, serve, train
-from qlora_kit.data.synth import finance as synth
+from qlora_kit.data import synth
 from qlora_kit.serve import engine as generate
 from qlora_kit.serve import structured
 from qlora_kit.eval import evaluate

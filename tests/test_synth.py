@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from qlora_kit.data.synth import finance as synth
-from qlora_kit.data.synth.finance import SCHEMA_KEYS, generate, parse_chinese_amount, to_chinese_amount, write_jsonl
+from qlora_kit.data import synth
+from qlora_kit.data.synth import SCHEMA_KEYS, generate, parse_chinese_amount, to_chinese_amount, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED = ROOT / "recipes" / "data" / "finance.jsonl"
@@ -88,7 +88,7 @@ def _digest(rows) -> str:
 
 def test_byte_identical_across_processes(rows):
     # No dependence on str hashing (set order) or anything else process-specific.
-    code = ("import hashlib, json; from qlora_kit.data.synth.finance import generate; rows = generate('finance', 2000, 0); "
+    code = ("import hashlib, json; from qlora_kit.data.synth import generate; rows = generate('finance', 2000, 0); "
             "print(hashlib.sha256(''.join(json.dumps(r, ensure_ascii=False) + '\\n' for r in rows).encode()).hexdigest())")
     env = dict(os.environ, PYTHONHASHSEED="12345")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
