@@ -15,24 +15,26 @@ public API for callers that only want conversations.
 """
 
 from .dataset import (
-    Conversation,
     Dataset,
-    Message,
     Source,
-    answer_text,
-    answered,
     combined_sha256,
     data_files,
-    detect_layout,
     file_changes,
     file_sha256,
-    has_tools,
     list_sources,
     load,
     load_recipe_data,
+    split,
+)
+from .layouts import (
+    Conversation,
+    Message,
+    answer_text,
+    answered,
+    detect_layout,
+    has_tools,
     parse_columns,
     question_text,
-    split,
     to_conversation,
     to_record,
     tools_of,

@@ -20,10 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import dataset as data_mod
-from . import dedup
 from ..errors import UserError
 from ..recipe import Recipe
+from . import dataset, dedup, layouts
 
 CACHE_VERSION = 3  # 2: tool-calling turns (observation is a tool result, no longer a user turn); 3: several files, question templates
 PLACEHOLDER = re.compile(r"\{\{\s*\w+\s*\}\}")
@@ -62,7 +61,7 @@ def data_key(recipe: Recipe) -> str:
     """Every data file's bytes and every data setting (mapping, template, redaction, dedup, split):
     same key, same checks. A folder's key changes when a file in it is added, removed or edited."""
     d = recipe.data
-    sha = [data_mod.file_sha256(f) for f in data_mod.data_files(d.path)]
+    sha = [dataset.file_sha256(f) for f in dataset.data_files(d.path)]
     return hashlib.sha256(json.dumps([CACHE_VERSION, sha, d.model_dump(mode="json")], ensure_ascii=False,
                                      sort_keys=True).encode()).hexdigest()[:24]
 
@@ -173,7 +172,7 @@ def conversations(prep: Prepared, recipe: Recipe) -> list:
 
 def _check(recipe: Recipe, key: str) -> Prepared:
     d = recipe.data
-    ds = data_mod.load_recipe_data(d)
+    ds = dataset.load_recipe_data(d)
     convs, wheres = ds.conversations, ds.wheres
     report, warnings = _read_report(ds)
     if d.scrub_pii:
@@ -186,7 +185,7 @@ def _check(recipe: Recipe, key: str) -> Prepared:
     _row_warnings(ds, convs, wheres, questions, report, warnings)
     train_idx, eval_idx = _split_report(d, clusters, source_of, report, warnings)
     report["chars"] = {"question": _percentiles([len(q) for q in questions]),
-                       "answer": _percentiles([len(data_mod.answer_text(c)) for c in convs])}
+                       "answer": _percentiles([len(layouts.answer_text(c)) for c in convs])}
     report["warnings"] = warnings
     return Prepared(key, convs, wheres, train_idx, eval_idx, None, report)
 
@@ -219,8 +218,8 @@ def _duplicates(d, ds, convs: list, wheres: list[str], report: dict, warnings: l
     """Exact and near duplicates reported; exact ones dropped when the recipe says so.
     -> (conversations, wheres, questions, duplicate clusters, source of each row), what is kept."""
     source_of = ds.source_of
-    questions = [data_mod.question_text(c) for c in convs]
-    answers = [data_mod.answer_text(c) for c in convs]
+    questions = [layouts.question_text(c) for c in convs]
+    answers = [layouts.answer_text(c) for c in convs]
     dups = dedup.find(questions, answers)
     report["duplicates"] = {
         "exact": len(dups.exact),
@@ -254,7 +253,7 @@ def _row_warnings(ds, convs: list, wheres: list[str], questions: list[str], repo
         warnings.append(f"{len(empty_like)} questions are empty-looking such as '无' (e.g. {empty_like[0]}); "
                         f"the question may be in another column{cols}: map it with --columns question=COL")
         report["empty_like_questions"] = len(empty_like)
-    tool_rows = [i for i, c in enumerate(convs) if data_mod.has_tools(c)]
+    tool_rows = [i for i, c in enumerate(convs) if layouts.has_tools(c)]
     if tool_rows:
         report["tool_calls"] = {"rows": len(tool_rows), "first": wheres[tool_rows[0]],
                                 "calls": sum(len(m.get("tool_calls") or []) for i in tool_rows for m in convs[i]),
@@ -269,10 +268,10 @@ def _split_report(d, clusters: list[int], source_of: list[int], report: dict, wa
     """The split by duplicate cluster, and the leakage a row-level random split (what most tools do)
     would have had. -> (train indices, eval indices)"""
     n = len(clusters)
-    naive_tr, naive_ev = data_mod.split(n, d.eval_fraction, d.split_seed)
+    naive_tr, naive_ev = dataset.split(n, d.eval_fraction, d.split_seed)
     in_train = {clusters[i] for i in naive_tr}
     naive_leak = sum(1 for i in naive_ev if clusters[i] in in_train)
-    train_idx, eval_idx = data_mod.split(n, d.eval_fraction, d.split_seed, clusters)
+    train_idx, eval_idx = dataset.split(n, d.eval_fraction, d.split_seed, clusters)
     train_clusters = {clusters[i] for i in train_idx}
     leak = sum(1 for i in eval_idx if clusters[i] in train_clusters)
     if leak:
@@ -300,7 +299,7 @@ def _template_report(d, ds, convs, wheres, report: dict, warnings: list[str]) ->
     if d.question_template is None and not d.columns.get("template"):
         return
     report["question_template"] = {"template": d.question_template, "template_column": d.columns.get("template"),
-                                   "example": {"where": wheres[0], "question": data_mod.question_text(convs[0])},
+                                   "example": {"where": wheres[0], "question": layouts.question_text(convs[0])},
                                    "empty_cells": {k: len(v) for k, v in ds.template_empty.items()}}
     if ds.template_empty:
         rows = len({w for v in ds.template_empty.values() for w in v})
