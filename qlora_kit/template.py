@@ -55,7 +55,7 @@ def render(tokenizer, messages, add_generation_prompt: bool = False, tools=None)
 
 
 def split_tools(messages) -> tuple[list[dict] | None, list[dict]]:
-    """(the row's tool schemas, the messages without them): data.py keeps them on a message."""
+    """(the row's tool schemas, the messages without them): data/layouts.py keeps them on a message."""
     tools = next((m["tools"] for m in messages if m.get("tools")), None)
     if tools is None:
         return None, messages
