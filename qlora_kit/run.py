@@ -66,6 +66,7 @@ class RunInfo(_Open):
     data: DataInfo = DataInfo()
     tokenizer: TokenizerInfo = TokenizerInfo()
     error: str | None = None  # why a failed run failed
+    distributed: dict | None = None  # a data-parallel run: strategy, processes, per-process batch
     combination: dict | None = None  # a combined adapter (merge --adapter ...): its parts
 
     @field_validator("data", "tokenizer", mode="before")

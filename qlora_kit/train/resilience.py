@@ -18,6 +18,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from ..errors import UserError
+from ..run import RunInfo
 from ..rundir import COMPLETE as MARKER
 from ..rundir import checkpoint_step as _step
 
@@ -58,17 +59,17 @@ def recipe_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def check_resume(run_dir: Path, info: dict, old_recipe, recipe, model_dir: str, data_sha: str,
+def check_resume(run_dir: Path, info: RunInfo, old_recipe, recipe, model_dir: str, data_sha: str,
                  files: list[dict] | None = None) -> None:
     """Refuse to continue a run with different settings, base model or data. `data_sha` covers every
     data file (data.combined_sha256); `files` ({"path", "sha256"} each) names the one that changed."""
     problems = recipe_differences(old_recipe.model_dump(mode="json"), recipe.model_dump(mode="json"))
-    if info.get("base_model_path") != model_dir:
-        problems.append(f"base model: {info.get('base_model_path')} -> {model_dir}")
-    if info.get("data", {}).get("sha256") != data_sha:
+    if info.base_model_path != model_dir:
+        problems.append(f"base model: {info.base_model_path} -> {model_dir}")
+    if info.data.sha256 != data_sha:
         from ..data import file_changes
 
-        old_files = info.get("data", {}).get("files")
+        old_files = [f.model_dump() for f in info.data.files]
         problems += (file_changes(old_files, files) if old_files and files else []) or \
             ["data file content changed (sha256 differs)"]
     if problems:

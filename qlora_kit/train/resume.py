@@ -11,7 +11,7 @@ from pathlib import Path
 from .. import rundir
 from ..errors import UserError
 from ..recipe import Recipe
-from ..run import is_run_dir, read_info
+from ..run import RunInfo, is_run_dir, read_info
 from .output import console
 from .preflight import Preflight, data_files
 
@@ -33,7 +33,7 @@ def open_run_dir(recipe: Recipe, run_dir_arg: str | None, pre: Preflight, world,
     existing = Path(run_dir_arg) if run_dir_arg else None
     reuse = existing is not None and is_run_dir(existing)
     was_there = existing is not None and existing.exists()
-    old = read_info(existing).to_json() if reuse else {}
+    old = read_info(existing) if reuse else None
     distributed.barrier()  # every worker has looked at the directory before rank 0 writes to it
     if reuse:
         if force:
@@ -41,7 +41,7 @@ def open_run_dir(recipe: Recipe, run_dir_arg: str | None, pre: Preflight, world,
             if world.main:
                 for child in existing.iterdir():
                     shutil.rmtree(child) if child.is_dir() else child.unlink()
-        elif old.get("status") == "finished":
+        elif old.status == "finished":
             raise UserError(f"{existing} is a finished run", "choose another --run-dir, or pass --force to train it again")
         else:
             resume_from = _resume_point(existing, old, recipe, pre, world)
@@ -54,7 +54,7 @@ def open_run_dir(recipe: Recipe, run_dir_arg: str | None, pre: Preflight, world,
     return Place(run_dir, reuse, was_there, resume_from)
 
 
-def _resume_point(existing: Path, old: dict, recipe: Recipe, pre: Preflight, world) -> Path | None:
+def _resume_point(existing: Path, old: RunInfo, recipe: Recipe, pre: Preflight, world) -> Path | None:
     """The last complete checkpoint of a stopped run, once its settings, data and process count
     are checked to be this run's (incomplete checkpoints are removed by rank 0)."""
     from ..recipe import load_saved
@@ -63,7 +63,7 @@ def _resume_point(existing: Path, old: dict, recipe: Recipe, pre: Preflight, wor
     rep = pre.report
     resilience.check_resume(existing, old, load_saved(existing / "recipe.yaml"), recipe, pre.model_dir, rep["sha256"],
                             data_files(rep))
-    was = (old.get("distributed") or {}).get("processes", 1)
+    was = (old.distributed or {}).get("processes", 1)
     if was != world.size:
         raise UserError(f"{existing} was trained with {was} process{'es' if was != 1 else ''}, not {world.size}: "
                         "the data order and the saved random states depend on it",
