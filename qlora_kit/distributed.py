@@ -248,11 +248,12 @@ def _children() -> list[int]:
 def mark_failed(run_dir, code: int) -> None:
     """A worker that died (killed, crashed) cannot record it; the launcher does, if rank 0 did not."""
     from . import rundir
+    from .run import is_run_dir, read_info, write_info
 
-    if not rundir.is_run_dir(run_dir):
+    if not is_run_dir(run_dir):
         return
-    info = rundir.read_info(run_dir)
-    if info.get("status") == "running":
-        info.update(status="interrupted" if code == 130 else "failed", finished=rundir.now(),
-                    error=f"a data-parallel worker exited with code {code}")
-        rundir.write_json(run_dir / "run.json", info)
+    info = read_info(run_dir)
+    if info.status == "running":
+        write_info(run_dir, info.model_copy(update={
+            "status": "interrupted" if code == 130 else "failed", "finished": rundir.now(),
+            "error": f"a data-parallel worker exited with code {code}"}))

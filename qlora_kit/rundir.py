@@ -10,10 +10,11 @@
       checkpoints/     Trainer checkpoints every save_steps
       logs/            TensorBoard event files; progress.jsonl, one JSON line per logged step (the UI reads it)
 
-A run directory needs nothing else: merge, generate (and later eval, chat, serve) take only its path.
+A run directory needs nothing else: merge, generate, eval, chat, serve and export take only its path.
 Every reader also takes one complete checkpoint, RUN/checkpoints/checkpoint-N, in place of RUN:
-`resolve` turns either into (run directory, adapter folder), so the run's recipe, tokenizer and
-base model are used with that checkpoint's adapter.
+run.resolve turns either into (run directory, adapter folder), so the run's recipe, tokenizer and
+base model are used with that checkpoint's adapter. This module is the layout and the writing;
+reading a run (run.json typed, the run opened and checked) is run.py's.
 """
 
 from __future__ import annotations
@@ -140,46 +141,9 @@ def new_run_dir(output_dir: str, recipe_name: str, explicit: str | None) -> Path
     return p
 
 
-def is_run_dir(p: Path) -> bool:
-    return (p / "run.json").is_file() and (p / "recipe.yaml").is_file()
-
-
-def read_info(run_dir: Path) -> dict:
-    """run.json of a run directory (of its run, for a checkpoint folder)."""
-    run_dir = Path(run_dir)
-    if is_checkpoint(run_dir):
-        run_dir = run_dir.parent.parent
-    if not run_dir.is_dir():
-        raise UserError(f"run directory not found: {run_dir}", "pass the folder that `qlora-kit train` printed")
-    if not is_run_dir(run_dir):
-        raise UserError(f"{run_dir} is not a qlora-kit run directory (no run.json/recipe.yaml)",
-                        "pass the folder that `qlora-kit train` printed")
-    return json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
-
-
-def require_adapter(run_dir: Path) -> Path:
-    a = Path(run_dir) / ADAPTER
-    if not (a / "adapter_model.safetensors").is_file():
-        info = read_info(run_dir)
-        raise UserError(f"{run_dir}: no finished adapter (run status: {info.get('status', '?')})",
-                        "train to the end first; checkpoints are under checkpoints/")
-    return a
-
-
 def is_checkpoint_name(name: str) -> bool:
     """checkpoint-N, the name the Trainer gives a checkpoint folder."""
     return bool(_CHECKPOINT.fullmatch(name))
-
-
-def is_checkpoint(p: Path) -> bool:
-    """RUN/checkpoints/checkpoint-N of a run directory (complete or not)."""
-    p = Path(p)
-    return bool(_CHECKPOINT.fullmatch(p.name)) and p.parent.name == CHECKPOINTS and is_run_dir(p.parent.parent)
-
-
-def is_run_path(p: Path) -> bool:
-    """What the readers accept: a run directory or one of its checkpoints."""
-    return is_run_dir(Path(p)) or is_checkpoint(Path(p))
 
 
 def checkpoint_step(p) -> int:
@@ -194,35 +158,6 @@ def complete_checkpoints(run_dir: Path) -> list[str]:
     """The names of the run's complete checkpoints (with their COMPLETE marker), oldest first."""
     found = [c for c in (Path(run_dir) / CHECKPOINTS).glob("checkpoint-*") if (c / COMPLETE).is_file()]
     return [c.name for c in sorted(found, key=checkpoint_step)]
-
-
-def resolve(path) -> tuple[Path, Path]:
-    """(run directory, adapter folder) for RUN (its final adapter) or RUN/checkpoints/checkpoint-N
-    (that checkpoint's adapter; only a complete one: a folder being written or left by a crash
-    may hold a partial adapter)."""
-    p = Path(path)
-    if p.name == CHECKPOINTS and is_run_dir(p.parent):
-        done = complete_checkpoints(p.parent)
-        raise UserError(f"{p} holds several checkpoints; pass one of them, or the run directory {p.parent}",
-                        f"complete checkpoints: {', '.join(done)}" if done else "this run has no complete checkpoint")
-    if not is_checkpoint(p):
-        return p, require_adapter(p)
-    run = p.parent.parent
-    if not (p / COMPLETE).is_file():
-        done = complete_checkpoints(run)
-        raise UserError(f"{p} is not a complete checkpoint (no {COMPLETE}: it was being written when training stopped, "
-                        "so its adapter may be partial)",
-                        f"use a complete one ({', '.join(done)}) or the run directory {run}" if done
-                        else f"use the run directory {run} once training has finished")
-    if not (p / "adapter_model.safetensors").is_file() or not (p / "adapter_config.json").is_file():
-        raise UserError(f"{p} has no adapter_model.safetensors/adapter_config.json", f"use the run directory {run}")
-    return run, p
-
-
-def default_name(path) -> str:
-    """The name an adapter is loaded/served under: the run's folder name, plus the checkpoint's."""
-    p = Path(path)
-    return f"{p.parent.parent.name}-{p.name}" if is_checkpoint(p) else p.name
 
 
 def versions() -> dict[str, str]:
