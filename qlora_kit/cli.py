@@ -147,7 +147,7 @@ def _launch_parallel(resolved, run_dir: Optional[Path], gpus: Optional[int], cpu
     """Start N workers that each run this same `train` on the resolved recipe and one run directory."""
     import tempfile
 
-    from . import distributed, fastpath, rundir
+    from . import devices, distributed, rundir
 
     if gpus and cpu_processes:
         raise UserError("--gpus and --cpu-processes exclude each other", "pass one of them")
@@ -165,8 +165,9 @@ def _launch_parallel(resolved, run_dir: Optional[Path], gpus: Optional[int], cpu
     target = run_dir or rundir.new_run_dir(resolved.output_dir, resolved.name, None)
     with tempfile.TemporaryDirectory(prefix="qlora-kit-launch-") as tmp:
         argv = _worker_argv(resolved, Path(tmp), target, force, auto_batch)
-        threads = max(1, fastpath.usable_cores() // n) if cpu_processes else None  # as one process would use them
-        code = distributed.launch(argv, n, "fsdp" if fsdp else "ddp", cpu_threads=threads)
+        threads = max(1, devices.usable_cores() // n) if cpu_processes else None  # as one process would use them
+        worker = [sys.executable, "-u", "-m", "qlora_kit.cli", "train", *argv]  # `qlora-kit train` in each
+        code = distributed.launch(worker, n, distributed.worker_env("fsdp" if fsdp else "ddp", threads))
     if code == 0:
         print(target)
     elif made and Path(target).is_dir() and not any(Path(target).iterdir()):
