@@ -216,7 +216,8 @@ def test_checkpointing_from_the_plan_threads_and_metrics_recorded(tiny_dir, unev
     train checkpoints every 2nd layer (1 of 2) and says why in run.json and the card. The torch
     thread count (an explicit OMP_NUM_THREADS wins) is recorded. Entropy and token accuracy are
     computed on logging steps only (the first, then every logging_steps)."""
-    from qlora_kit import fastpath, plan
+    from qlora_kit import plan
+    from qlora_kit.train import fastpath
 
     rec = make_recipe(str(tiny_dir), uneven, max_steps=4, logging_steps=2, early_stopping_patience=0)
     shape = plan.Shape.from_config(plan.load_config(str(tiny_dir))[0])
@@ -263,7 +264,7 @@ def test_checkpointing_from_the_plan_threads_and_metrics_recorded(tiny_dir, unev
 
 
 def test_loss_head_fits_device_and_vocabulary():
-    from qlora_kit.fastpath import LARGE_VOCAB, choose_loss_head
+    from qlora_kit.train.fastpath import LARGE_VOCAB, choose_loss_head
     from qlora_kit.recipe import TrainingConfig
 
     auto, off, on = TrainingConfig(), TrainingConfig(liger_kernel=False), TrainingConfig(liger_kernel=True)
@@ -284,7 +285,8 @@ def test_kept_dequantized_weights_give_the_same_loss_and_gradients(tiny_dir):
     weights are released with the graph (saved tensors, so checkpointing can drop them too)."""
     import contextlib
 
-    from qlora_kit import attention, fastpath
+    from qlora_kit import attention
+    from qlora_kit.train import fastpath
 
     model, tok, info = _tiny_lora(tiny_dir, attention.PER_SEQUENCE)
     model.train()
@@ -310,7 +312,7 @@ def test_kept_dequantized_weights_give_the_same_loss_and_gradients(tiny_dir):
 def test_chunked_loss_head_trains_like_the_model_head(tiny_dir, uneven, tmp_path, monkeypatch):
     """The large-vocabulary GPU head (TRL's tiled log-probabilities, re-installed with log-probs only),
     forced here on CPU: the same losses as the model's own cross-entropy, and it is what ran."""
-    from qlora_kit import fastpath
+    from qlora_kit.train import fastpath
 
     calls = []
     real = fastpath.reinstall_chunked_head

@@ -64,7 +64,7 @@ def test_recipe_maps_into_bnb_lora_and_sft_configs(name, tiny_dir, tmp_path):
     assert (lc.r, lc.lora_alpha, lc.lora_dropout) == (rec.lora.r, rec.lora.lora_alpha, rec.lora.lora_dropout)
     if rec.lora.target_modules == "attention":
         assert "q_proj" in lc.target_modules and "mlp" not in lc.target_modules
-    from qlora_kit import fastpath
+    from qlora_kit.train import fastpath
 
     fast = fastpath.decide(rec, rec.base_model)  # layout, loss head, checkpointing for this machine
     s = sft_config(rec, tmp_path, has_eval=True, fast=fast)

@@ -31,8 +31,8 @@ def run(recipe: Recipe, run_dir_arg: str | None = None, callbacks: list | None =
     """Train and return the run directory. `callbacks` are extra TrainerCallbacks (tests use them to
     look at the live model; nothing in qlora-kit needs them)."""
     t0 = time.time()
-    from .. import distributed, fastpath
-    from . import fit, record
+    from .. import distributed
+    from . import fastpath, fit, record
     from .adapter import save_adapter
     from .preflight import encode_samples
     from .resilience import RunStopped

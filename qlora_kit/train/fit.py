@@ -29,8 +29,7 @@ def train_with_retries(attempt: Attempt, model_dir: str, tokenizer, train_rows, 
     twice the accumulation (the same effective batch). Returns (trainer, metrics, stops)."""
     import torch
 
-    from .. import fastpath
-    from . import resilience
+    from . import fastpath, resilience
 
     while True:
         try:
@@ -93,8 +92,9 @@ def load_model(recipe: Recipe, model_dir: str, tokenizer, info: dict, fast):
     of --from-adapter continued); what was trained goes to info["lora"]."""
     from transformers import set_seed
 
-    from .. import attention, fastpath
+    from .. import attention
     from ..model import attach_lora, embedding_modules, load_4bit
+    from . import fastpath
     from .adapter import continue_adapter
 
     set_seed(recipe.training.seed)  # LoRA A is initialised randomly: same seed, same run (and resume)
@@ -129,8 +129,8 @@ def build_trainer(recipe: Recipe, model, tokenizer, train_rows, eval_rows, run_d
     resilience) and exact fp32 LoRA weights. Returns (trainer, stops)."""
     from transformers import PrinterCallback
 
-    from .. import distributed, fastpath
-    from . import resilience
+    from .. import distributed
+    from . import fastpath, resilience
     from .progress import ProgressLog, RichProgress, TensorBoardLog
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

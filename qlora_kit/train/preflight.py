@@ -47,7 +47,8 @@ def preflight(recipe: Recipe, quiet: bool = False, measure: bool = False) -> Pre
         say(f"  [yellow]dropped[/] {row['where']}: {row['reason']}", highlight=False)
 
     # 2. base model (a hub id offline fails here, before anything heavy)
-    from ..model import has_gpu, resolve_base_model
+    from ..devices import has_gpu
+    from ..model import resolve_base_model
 
     warnings = []
     if not has_gpu() and not recipe.base_model.startswith("builtin:") and not Path(recipe.base_model).is_dir():
@@ -65,7 +66,7 @@ def memory_plan(recipe: Recipe, model_dir: str, say, warnings: list[str]) -> dic
     """2b. will it fit? (from the config alone; the planner's components are in `qlora-kit plan`).
     Adds a warning when it does not; None when the planner cannot plan this model (said why)."""
     from .. import plan as plan_mod
-    from ..model import has_gpu
+    from ..devices import has_gpu
 
     plan = None
     try:
@@ -86,7 +87,7 @@ def memory_plan(recipe: Recipe, model_dir: str, say, warnings: list[str]) -> dic
 
 
 def check_device_switches(recipe: Recipe) -> None:
-    from ..model import has_gpu
+    from ..devices import has_gpu
 
     if recipe.training.activation_offloading and not has_gpu():
         raise UserError("training.activation_offloading moves activations from GPU to CPU memory; there is no GPU here",
@@ -100,8 +101,8 @@ def check_device_switches(recipe: Recipe) -> None:
 def use_liger(recipe: Recipe) -> bool:
     """Fused linear cross-entropy never materialises full-vocabulary logits; it needs a GPU.
     training.liger_kernel: true where it cannot run is refused (fastpath.choose_loss_head)."""
-    from .. import fastpath
-    from ..model import has_gpu
+    from ..devices import has_gpu
+    from . import fastpath
 
     return fastpath.choose_loss_head(recipe.training, 0, has_gpu(), fastpath.liger_available())[0] == "liger"
 

@@ -22,7 +22,8 @@ def run_info(recipe: Recipe, pre: Preflight, place: Place, tok_info, train_rows:
     import torch
 
     from .. import distributed
-    from ..model import compute_dtype, has_gpu
+    from ..devices import has_gpu
+    from ..model import compute_dtype
 
     rep = pre.report
     info = {

@@ -16,9 +16,10 @@ def sft_config(recipe: Recipe, run_dir: Path, has_eval: bool, fast=None):
     import torch
     from trl import SFTConfig
 
-    from ..model import compute_dtype, has_gpu
-
-    from .. import distributed, fastpath
+    from .. import distributed
+    from ..devices import has_gpu
+    from ..model import compute_dtype
+    from . import fastpath
 
     t = recipe.training
     if fast is None:
@@ -123,7 +124,7 @@ def trainer_class():
     every other part of the Trainer is the library's."""
     from trl import SFTTrainer
 
-    from ..fastpath import FastStepMixin
+    from .fastpath import FastStepMixin
 
     class Trainer(FastStepMixin, SFTTrainer):
         def create_optimizer(self, *args, **kwargs):

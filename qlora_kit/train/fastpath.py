@@ -13,9 +13,9 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 
-from .attention import Layout
-from .devices import LARGE_VOCAB, has_gpu, liger_available, usable_cores
-from .errors import UserError
+from ..attention import Layout
+from ..devices import LARGE_VOCAB, has_gpu, liger_available, usable_cores
+from ..errors import UserError
 
 
 def choose_loss_head(training, vocab_size: int, gpu: bool, liger: bool) -> tuple[str, str]:
@@ -321,7 +321,7 @@ class FastPath:
 def decide(recipe, model_dir: str, threads: dict | None = None) -> FastPath:
     """Layout and attention kernel, loss head, and (gradient_checkpointing: auto) checkpointing from
     the memory plan within this machine's budget: the GPU's free memory, on CPU the available RAM."""
-    from . import attention, plan
+    from .. import attention, plan
 
     gpu = has_gpu()
     layout = attention.choose(recipe.training, gpu, attention.flash_attn_available())
@@ -339,7 +339,7 @@ def decide(recipe, model_dir: str, threads: dict | None = None) -> FastPath:
     budget, budget_name = plan.memory_budget(gpu)
     p = plan.make(recipe, model_dir, budget, device="cuda" if gpu else "cpu", loss_head=head, budget_name=budget_name)
     keep, keep_why = p.keep_dequantized, p.keep_dequantized_why
-    from .distributed import world
+    from ..distributed import world
 
     if keep and world().strategy == "fsdp":  # FSDP hands the layers flattened shards, not whole 4-bit weights
         keep, keep_why = False, "FSDP: each weight is dequantized again in backward"
