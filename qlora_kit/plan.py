@@ -180,10 +180,15 @@ def lora_bytes(act_bytes: int, device: str) -> tuple[float, float, float]:
     first layer does not save). fp32: the dropped-out input and the dropout mask (a float tensor on
     CPU, bool on CUDA). Mixed precision (bf16/fp16 autocast): PEFT casts the input to the fp32 LoRA
     weights, the dropout keeps its fp32 output and mask, autocast saves a half-precision copy for
-    LoRA A; A's output is kept in both precisions. Measured with saved_tensors_hooks on CPU."""
+    LoRA A; A's output is kept in both precisions. Measured with saved_tensors_hooks on CPU.
+    Mixed precision on CUDA: PEFT's input cast asks whether CUDA autocast is on, and it is, so the
+    input stays in the compute dtype; the dropout's output and its bool mask, and A's output in the
+    compute dtype (measured on CPU with CUDA's branches taken: bench_train.py --memory-gpu-dtypes)."""
     if act_bytes >= 4:
         mask = 4 if device == "cpu" else 1
         return 4 + mask, 4, mask
+    if device != "cpu":
+        return act_bytes + 1, act_bytes, 1
     return 6.25, 8.5, 4.125
 
 
@@ -246,6 +251,8 @@ def estimate(shape: Shape, *, r: int, target: str | list, max_length: int, micro
     full = layer_activation_bytes(shape, tokens, r=r, target=target, act_bytes=act_bytes, device=device)
     saved, layer_work = saved_activations(shape.layers, every_n, full, tokens * h * act_bytes)
     saved += tokens * 2 * shape.head_dim * act_bytes  # RoPE cos and sin, shared by the layers
+    if act_bytes < 4:  # autocast's cast cache: a compute-dtype copy of every LoRA weight for the step
+        saved += n_lora * act_bytes
     if every_n == 0:
         # without checkpointing the first layer's input (frozen embeddings) needs no gradient: its
         # first norm saves nothing, nor do the dropouts of the projections reading that norm
@@ -259,8 +266,10 @@ def estimate(shape: Shape, *, r: int, target: str | list, max_length: int, micro
         kept = sum(i * o for i, o in lin.values()) * shape.layers * act_bytes
         if every_n == 0:
             kept -= sum(lin[t][0] * lin[t][1] for t in ("q_proj", "k_proj", "v_proj")) * act_bytes
-    if loss_head == "model":  # logits in the compute dtype, their fp32 log-softmax and its gradient
-        loss = tokens * (V * (act_bytes + 8) + h * act_bytes)
+    if loss_head == "model":
+        # logits in the compute dtype, their fp32 log-softmax and its gradient; in half precision
+        # also the fp32 upcast of the logits and the gradient cast back (12 bytes per logit either way)
+        loss = tokens * (V * (act_bytes + 8 + (act_bytes if act_bytes < 4 else 0)) + h * act_bytes)
     elif loss_head == "liger":  # token chunks whose logits are about the size of the hidden states
         loss = tokens * h * act_bytes * 3
     else:  # TRL's tiles: up to 4096 tokens x 32768 vocabulary entries in the compute dtype at once

@@ -234,7 +234,7 @@ def test_dequantized_weights_kept_only_when_they_fit():
     within the budget; the kept bytes are the frozen linears in the compute dtype."""
     rec = Recipe.model_validate({"base_model": "meta-llama/Llama-3.1-8B-Instruct",
                                  "training": {"max_length": 2048, "per_device_train_batch_size": 1}})
-    big, mid, small = (plan.make(rec, gpu_memory=g * plan.GiB) for g in (80, 38, 12))
+    big, mid, small = (plan.make(rec, gpu_memory=g * plan.GiB) for g in (80, 30, 12))
     assert big.keep_dequantized and big.every_n_layers == 0 and big.fits
     kept = big.parts["activations_dequantized_weights"]
     lin = plan.Shape.from_config(plan.KNOWN["meta-llama/Llama-3.1-8B-Instruct"]).linears()

@@ -37,25 +37,28 @@ def small(bench, tmp_path_factory, cache):
     return bench.build_slice("tiny", 2, tmp_path_factory.mktemp("slices"))
 
 
-def one_step(bench, small, tmp_path, checkpointing: bool, zero: bool = True) -> tuple[dict, dict]:
+def one_step(bench, small, tmp_path, checkpointing: bool, zero: bool = True, gpu: bool = False) -> tuple[dict, dict]:
+    """gpu: bf16 compute with the kernel branches a CUDA run takes (PEFT's input cast, the bool
+    dropout mask) taken on CPU, as `bench_train.py --memory-gpu-dtypes` does."""
     from qlora_kit import train
     from qlora_kit.recipe import Recipe
 
     tmp_path.mkdir(parents=True, exist_ok=True)
-    rec = bench.memory_recipe("tiny", small, tmp_path, TOKENS, checkpointing)
-    figures = bench.exact_step_memory(lambda: train.run(Recipe.model_validate(rec), str(tmp_path / "run")), zero)
+    rec = bench.memory_recipe("tiny", small, tmp_path, TOKENS, checkpointing, gpu_dtypes=gpu)
+    figures = bench.exact_step_memory(lambda: train.run(Recipe.model_validate(rec), str(tmp_path / "run")), zero,
+                                      emulate_cuda=gpu)
     return rec, figures
 
 
 @pytest.fixture(scope="module")
 def step(bench, small, tmp_path_factory):
-    """step(checkpointing, zero_matmuls) -> (recipe, exact figures), each run once per module."""
+    """step(checkpointing, zero_matmuls, gpu) -> (recipe, exact figures), each run once per module."""
     done = {}
 
-    def get(checkpointing: bool, zero: bool = True):
-        if (checkpointing, zero) not in done:
-            done[checkpointing, zero] = one_step(bench, small, tmp_path_factory.mktemp("step"), checkpointing, zero)
-        return done[checkpointing, zero]
+    def get(checkpointing: bool, zero: bool = True, gpu: bool = False):
+        if (checkpointing, zero, gpu) not in done:
+            done[checkpointing, zero, gpu] = one_step(bench, small, tmp_path_factory.mktemp("step"), checkpointing, zero, gpu)
+        return done[checkpointing, zero, gpu]
 
     return get
 
@@ -92,5 +95,20 @@ def test_plan_within_5_percent_of_exact(compared, component):
     rows = {r["component"]: r for r in compared["rows"]}
     if component not in rows:
         pytest.skip(f"{component}: not part of this step (checkpointing {compared['checkpointing_used']})")
+    r = rows[component]
+    assert r["diff_pct"] is not None and abs(r["diff_pct"]) <= 5, f"plan {r['plan']:,} exact {r['exact']:,} ({r['diff_pct']:+.1f}%)"
+
+
+GPU_COMPONENTS = ["activations kept for backward", "logits + loss (loss-head working set)"]
+
+
+@pytest.mark.parametrize("checkpointing", [True, False], ids=["checkpointing", "no-checkpointing"])
+@pytest.mark.parametrize("component", GPU_COMPONENTS)
+def test_gpu_plan_within_5_percent_of_exact_with_cuda_branches(bench, step, checkpointing, component):
+    """The plan for a GPU (bf16 compute) against the exact bytes of the same step run on CPU in bf16
+    with CUDA's kernel branches taken: the dropout's bool mask, no fp32 cast of the LoRA input,
+    autocast's bf16 copies of the LoRA weights, the model head's fp32 upcast of the logits. (The
+    layer backward working set is not yet within 5 % here: see the README.)"""
+    rows = {r["component"]: r for r in bench.compare_with_plan(*step(checkpointing, True, True), "cuda")["rows"]}
     r = rows[component]
     assert r["diff_pct"] is not None and abs(r["diff_pct"]) <= 5, f"plan {r['plan']:,} exact {r['exact']:,} ({r['diff_pct']:+.1f}%)"
