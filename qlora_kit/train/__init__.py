@@ -17,12 +17,12 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..recipe import Recipe
+from ..terminal import console
 from .fit import memorising_warning
-from .output import console
 from .preflight import preflight, require_trainable, training_rows, use_liger
 from .trainer import early_stopping, fsdp_args, lr_schedule, sft_config
 
-__all__ = ["console", "early_stopping", "fsdp_args", "lr_schedule", "memorising_warning", "preflight",
+__all__ = ["early_stopping", "fsdp_args", "lr_schedule", "memorising_warning", "preflight",
            "require_trainable", "run", "sft_config", "training_rows", "use_liger"]
 
 

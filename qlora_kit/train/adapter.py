@@ -14,7 +14,7 @@ from pathlib import Path
 from .. import rundir
 from ..errors import UserError
 from ..run import read_info, resolve
-from .output import console
+from ..terminal import console
 
 
 def from_adapter_folder(source: str, base_model: str, model_dir: str) -> Path:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .. import rundir
 from ..recipe import Recipe
-from .output import console
+from ..terminal import console
 from .trainer import early_stopping, sft_config, trainer_class
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..recipe import Recipe
+from ..terminal import console
 from .adapter import from_adapter_folder
-from .output import console
 
 
 @dataclass

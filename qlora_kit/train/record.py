@@ -11,7 +11,7 @@ from pathlib import Path
 from .. import rundir
 from ..recipe import Recipe
 from ..run import write_info
-from .output import console
+from ..terminal import console
 from .preflight import Preflight, data_files
 from .resume import Place, leave_nothing
 

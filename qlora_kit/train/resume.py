@@ -12,7 +12,7 @@ from .. import rundir
 from ..errors import UserError
 from ..recipe import Recipe
 from ..run import RunInfo, is_run_dir, read_info
-from .output import console
+from ..terminal import console
 from .preflight import Preflight, data_files
 
 
