@@ -476,18 +476,21 @@ def data_check_cmd(
     import json
 
     from .data import check as datacheck
+    from .data.render import render
 
     rec = _data_recipe(recipe, files, base_model, columns, skip_bad, max_length, scrub, question_template)
     tok = stop = note = None
     if rec.base_model != "builtin:none":
-        tok, stop, note = datacheck.load_tokenizer_for_check(rec)
+        from .model import load_tokenizer_for_check
+
+        tok, stop, note = load_tokenizer_for_check(rec)
     else:
         note = "pass --recipe or --base-model to measure token lengths"
     prep = datacheck.prepare(rec, tok, stop, note)
     if as_json:
         print(json.dumps(prep.report, ensure_ascii=False, indent=2))
     else:
-        datacheck.render(prep.report, err)
+        render(prep.report, err)
 
 
 @data_app.command("scrub")
