@@ -198,7 +198,7 @@ def flow(url: str, runs: Path, data: Path, errors: list[str]) -> None:
 
         # --- Resume and let it finish ----------------------------------------------------------------
         page.click("#btn-resume")
-        wait_for("status finished", lambda: page.inner_text("#run-status") == "finished", 180, page, every=1)
+        wait_for("status finished", lambda: page.inner_text("#run-status") == "finished", 900, page, every=1)  # returns as soon as it is
         info = json.loads((run_dir / "run.json").read_text())
         assert info["status"] == "finished" and info["resumed_from"], info.get("resumed_from")
         page.click("#card-box summary")  # closed <details> content has no visible text
