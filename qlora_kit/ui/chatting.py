@@ -1,7 +1,7 @@
 """The Try page: one question, answered by the base model and by each ticked adapter, streamed.
 
 It goes through `serve.Service`, the code behind the OpenAI-compatible API, on one
-`generate.Engine` (one 4-bit base, each run's adapter and its own stored chat template), so what
+`serve.engine.Engine` (one 4-bit base, each run's adapter and its own stored chat template), so what
 the page shows is what `qlora-kit serve` would answer. One engine is kept, for the last set of
 adapters asked; ticking others loads a new one in its place.
 """
