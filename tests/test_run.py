@@ -78,3 +78,26 @@ def test_eval_refuses_a_held_out_split_of_changed_data(tmp_path, cache):
     with pytest.raises(UserError) as e:
         held_out(run.open_run(d), None)
     assert f"{data} changed since training" in str(e.value) and "--data FILE" in e.value.hint
+
+
+def test_merge_probes_say_when_the_data_changed(tmp_path, cache, tiny_chat_dir, capsys):
+    from qlora_kit import merge
+    from qlora_kit.model import load_saved_tokenizer
+
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"question": f"Q{i}?", "answer": f"A{i}."}) + "\n" for i in range(8)),
+                    encoding="utf-8")
+    f = tmp_path / "r.yaml"
+    f.write_text(f"base_model: builtin:tiny\ndata:\n  path: {data}\n", encoding="utf-8")
+    rec, _ = recipe.resolve(str(f))
+    sha = hashlib.sha256(data.read_bytes()).hexdigest()
+    d = _run_dir(tmp_path, {"data": {"path": str(data), "sha256": sha, "files": [{"path": str(data), "sha256": sha}]}},
+                 rec)
+    tok = load_saved_tokenizer(tiny_chat_dir)
+    texts = merge.probe_texts(d, tok, rec)
+    assert texts != merge.FALLBACK_PROBES and "changed since training" not in capsys.readouterr().err
+    with open(data, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"question": "New?", "answer": "New."}) + "\n")
+    assert merge.probe_texts(d, tok, rec) == texts  # any texts serve the logit check: said, not refused
+    err = capsys.readouterr().err
+    assert "warning" in err and str(data) in err.replace("\n", "") and "changed since training" in err
