@@ -154,7 +154,10 @@ def test_numbers_out_of_range_are_400_naming_the_field(tmp_path):
 
 # --- C. Stop signals only this run's own `qlora-kit train` -----------------------------------------
 
-FAKE_TRAIN = "import sys, time\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    sys.exit(130)\n"
+# installs its Ctrl-C handler as train does: a process started from a background shell inherits
+# SIGINT ignored, and Python then never raises KeyboardInterrupt
+FAKE_TRAIN = ("import signal, sys, time\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+              "try:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    sys.exit(130)\n")
 
 
 def test_stop_never_signals_a_planted_pid(tmp_path):
