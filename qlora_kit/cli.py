@@ -17,7 +17,6 @@ from rich.console import Console
 
 from . import domains
 from .errors import UserError
-from .data.rowtemplate import from_command_line
 
 app = typer.Typer(
     name="qlora-kit",
@@ -100,6 +99,7 @@ def train_cmd(
     """Fine-tune a 4-bit base model with LoRA on a Q/A file."""
     from . import data as data_mod
     from . import recipe as recipe_mod
+    from .rowtemplate import from_command_line
 
     flags = {
         "data.path": _data_paths(data),
@@ -442,6 +442,7 @@ def _data_recipe(recipe: Optional[str], files: list[Path], base_model: Optional[
                  skip_bad: bool, max_length: Optional[int], scrub: bool = False, question_template: Optional[str] = None):
     from . import data as data_mod
     from . import recipe as recipe_mod
+    from .rowtemplate import from_command_line
 
     flags = {"data.path": _data_paths(files), "data.question_template": from_command_line(question_template),
              "base_model": base_model,

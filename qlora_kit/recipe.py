@@ -72,7 +72,7 @@ class DataConfig(_Section):
     @classmethod
     def _template_syntax(cls, v):
         if v is not None:
-            from .data.rowtemplate import fields
+            from .rowtemplate import fields
 
             fields(v)  # a lone brace or an empty {} is a ValueError, reported with the field's line
         return v

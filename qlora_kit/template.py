@@ -178,7 +178,7 @@ def _check_stops(ids: np.ndarray, offsets: np.ndarray, spans, stop: np.ndarray) 
 def _render_all(tokenizer, conversations, wheres: list[str] | None):
     renderer = Renderer(tokenizer)
     where = (lambda i: wheres[i]) if wheres else (lambda i: f"conversation {i + 1}")
-    from .data import has_tools
+    from .data.layouts import has_tools
 
     tool_rows = [i for i, c in enumerate(conversations) if has_tools(c)]
     if tool_rows:

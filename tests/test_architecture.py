@@ -145,7 +145,7 @@ def test_recipe_schema_reaches_no_deep_learning_library():
 
 
 TRAINING = ("qlora_kit.train",)  # the package holds fastpath, resilience and progress too
-READ_SIDE = ("merge", "export", "eval", "evaluate", "generate", "serve", "chat")
+READ_SIDE = ("merge", "export", "eval", "serve")
 
 
 def _is_training(m: str) -> bool:
@@ -232,3 +232,23 @@ def test_the_checker_sees_imports_inside_functions_and_finds_a_cycle(monkeypatch
     monkeypatch.setitem(GRAPH, a, ({b}, set()))
     monkeypatch.setitem(GRAPH, b, ({a}, set()))
     assert [a, b] in cycles()
+
+
+# ARCHITECTURE.md's floors: a module may import its own floor and the floors below, never above.
+FLOOR = {"cli": 9, "ui": 8, "eval": 7, "export": 7, "train": 6, "merge": 6, "serve": 6, "model": 5,
+         "data": 4, "template": 4, "plan": 4, "distributed": 4, "tiny": 3, "run": 3, "recipe": 2, "rundir": 2,
+         "attention": 2, "net": 2, "domains": 1, "devices": 1, "errors": 1, "quiet": 1, "terminal": 1,
+         "rowtemplate": 1}
+
+
+def _floor(m: str) -> int | None:
+    parts = m.split(".")
+    return FLOOR.get(parts[1]) if len(parts) > 1 else None
+
+
+def test_each_floor_imports_only_from_its_floor_or_below():
+    unplaced = sorted({m.split(".")[1] for m in MODULES if len(m.split(".")) > 1} - set(FLOOR))
+    assert not unplaced, f"modules on no floor of ARCHITECTURE.md: {unplaced}"
+    up = sorted((m, n) for m in GRAPH for n in GRAPH[m][0]
+                if n in GRAPH and _floor(m) is not None and _floor(n) is not None and _floor(n) > _floor(m))
+    assert not up, "imports that run up a floor: " + ", ".join(f"{m} -> {n}" for m, n in up)

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
-from . import readers, rowtemplate
+from .. import rowtemplate
+from . import readers
 from .layouts import (
     ANSWER_KEYS,
     QA_LAYOUTS,

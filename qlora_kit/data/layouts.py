@@ -16,7 +16,8 @@ import json
 from pathlib import Path
 
 from ..errors import UserError
-from . import readers, rowtemplate
+from .. import rowtemplate
+from . import readers
 
 Message = dict  # role, content (str); optionally tool_calls, tools, name, tool_call_id
 Conversation = list[Message]
