@@ -17,6 +17,7 @@ from rich.console import Console
 
 from . import domains
 from .errors import UserError
+from .terminal import console as err  # the one console every command prints its progress to
 
 app = typer.Typer(
     name="qlora-kit",
@@ -25,7 +26,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err = Console(stderr=True, soft_wrap=True)
 out = Console()
 
 # Commands that read a run directory take these grants from their own command line only: the run's

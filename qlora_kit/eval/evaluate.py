@@ -17,14 +17,12 @@ import math
 import statistics
 from pathlib import Path
 
-from rich.console import Console
 
 from .. import rundir
 from ..run import Run, open_run, read_info
 from ..errors import UserError
+from ..terminal import console
 from . import metrics
-
-console = Console(stderr=True, soft_wrap=True)
 
 
 def held_out(r: Run, data_file: str | None):

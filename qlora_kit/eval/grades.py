@@ -34,13 +34,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import NormalDist
 
-from rich.console import Console
 
 from .. import rundir
 from ..data import readers
 from ..errors import UserError
+from ..terminal import console
 
-console = Console(stderr=True, soft_wrap=True)
 
 HEADER = ["id", "where", "question", "reference", "answer_A", "answer_B",
           "grade_A (1-5)", "grade_B (1-5)", "preferred (A/B/tie)", "comment"]

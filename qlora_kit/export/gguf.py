@@ -13,15 +13,14 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from rich.console import Console
 
 from .. import rundir
 from ..errors import UserError
 from ..run import resolve
+from ..terminal import console
 from .source import Source, check_free, open_source, read_json
 from .vocab import add_vocab, vocab_kind
 
-console = Console(stderr=True, soft_wrap=True)
 
 DTYPES = ("f16", "bf16", "q8_0", "f32")
 # Hugging Face architecture -> llama.cpp architecture. Mistral is llama to llama.cpp (as in its converter).

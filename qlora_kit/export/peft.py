@@ -9,14 +9,13 @@ import re
 import shutil
 from pathlib import Path
 
-from rich.console import Console
 
 from .. import rundir
 from ..errors import UserError
 from ..run import RunInfo, default_name, read_info, resolve
+from ..terminal import console
 from .source import check_free, is_merged_dir, read_json
 
-console = Console(stderr=True, soft_wrap=True)
 # vLLM's default --max-lora-rank; a larger adapter rank needs the flag
 VLLM_MAX_LORA_RANK = 16
 
