@@ -165,9 +165,6 @@ def _checked(path, out, dtype: str, grants):
     out = Path(out) if out else r.dir / ("merged" if r.adapter.name == rundir.ADAPTER else f"merged-{r.adapter.name}")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"output directory {out} exists and is not empty", "pass another --out or delete it")
-    if not Path(r.base_model_path).is_dir():
-        raise UserError(f"base model of this run not found at {r.base_model_path}",
-                        "restore the base model there (the run card names it)")
     # refused here, before the probe data is read, not only inside load_4bit
     refuse_unsafe(r.base_model_path, r.recipe.trust_remote_code, r.recipe.allow_pickle)
     return r, out

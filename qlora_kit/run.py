@@ -200,10 +200,13 @@ class Run:
 
     @property
     def base_model_path(self) -> str:
-        """The base's local folder, refused with the fix when run.json does not name one."""
+        """The base's local folder, refused with the fix when run.json names none or it is gone."""
         if not self.info.base_model_path:
             raise UserError(f"{self.dir / RUN_JSON} names no base_model_path",
                             "it is written by `qlora-kit train`; restore it, or train the run again")
+        if not Path(self.info.base_model_path).is_dir():
+            raise UserError(f"base model of this run not found at {self.info.base_model_path}",
+                            "restore the base model there (the run card names it)")
         return self.info.base_model_path
 
     @property
@@ -214,11 +217,6 @@ class Run:
             raise UserError(f"{self.dir}: no {rundir.TOKENIZER}/ folder (the tokenizer and chat template of the run)",
                             "copy the whole run directory, or train the run again")
         return t
-
-    def data_changed(self, sources) -> str | None:
-        """Why the data about to be read again is not the data this run was trained on (None when it
-        is, or when run.json records no hash to compare). `sources`: (path, sha256) of each file read."""
-        return data_changed(self.info, self.dir, sources)
 
 
 def open_run(path, grants=None) -> Run:
@@ -232,7 +230,8 @@ def open_run(path, grants=None) -> Run:
 
 
 def data_changed(info: RunInfo, run_dir: Path, sources) -> str | None:
-    """See Run.data_changed."""
+    """Why the data about to be read again is not the data this run was trained on (None when it
+    is, or when run.json records no hash to compare). `sources`: (path, sha256) of each file read."""
     sources = [(str(Path(p).resolve()), sha) for p, sha in sources]
     recorded = {f.path: f.sha256 for f in info.data.files}
     if not recorded and info.data.path and info.data.sha256 and len(sources) == 1:
@@ -241,8 +240,14 @@ def data_changed(info: RunInfo, run_dir: Path, sources) -> str | None:
         return None
     changed = [p for p, sha in sources if p in recorded and recorded[p] != sha]
     unknown = [p for p, _ in sources if p not in recorded]
-    if not changed and not unknown:
+    now = [p for p, _ in sources]
+    # a file gone or read in another order changes the split too (it runs over all rows in order)
+    gone = [p for p in recorded if p not in now] if len(recorded) > 1 or info.data.files else []
+    reordered = not (changed or unknown or gone) and [p for p in recorded if p in now] != now
+    if not (changed or unknown or gone or reordered):
         return None
     what = "; ".join([f"{p} changed since training (sha256 differs)" for p in changed]
-                     + [f"{p} was not part of the training data" for p in unknown])
+                     + [f"{p} was not part of the training data" for p in unknown]
+                     + [f"{p} was part of the training data and is not read now" for p in gone]
+                     + (["the data files are read in another order than in training"] if reordered else []))
     return f"{run_dir}: {what}"

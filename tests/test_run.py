@@ -58,6 +58,22 @@ def test_data_changed_names_the_file(tmp_path):
     assert "changed since training" in run.data_changed(single, tmp_path, [(a, "2")])
 
 
+def test_data_changed_when_a_training_file_is_gone_or_reordered(tmp_path):
+    """eval's held-out split runs over all rows in file order: one file fewer, or the files in another
+    order, gives another split (trained questions could be scored as held out)."""
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    info = run.RunInfo.model_validate({"data": {"files": [{"path": str(a), "sha256": "1"}, {"path": str(b), "sha256": "2"}]}})
+    assert f"{b} was part of the training data and is not read now" in run.data_changed(info, tmp_path, [(a, "1")])
+    assert "another order" in run.data_changed(info, tmp_path, [(b, "2"), (a, "1")])
+
+
+def test_a_run_whose_base_is_gone_is_refused_naming_the_folder(tmp_path):
+    info = run.RunInfo.model_validate({"base_model_path": str(tmp_path / "moved-away")})
+    r = run.Run(tmp_path, tmp_path, tmp_path / "adapter", info, None)
+    with pytest.raises(UserError, match="base model of this run not found at .*moved-away"):
+        r.base_model_path
+
+
 def test_eval_refuses_a_held_out_split_of_changed_data(tmp_path, cache):
     from qlora_kit.eval.evaluate import held_out
 

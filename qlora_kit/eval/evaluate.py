@@ -19,7 +19,7 @@ from pathlib import Path
 
 
 from .. import rundir
-from ..run import Run, open_run, read_info
+from ..run import Run, data_changed, open_run, read_info
 from ..errors import UserError
 from ..terminal import console
 from . import metrics
@@ -36,7 +36,7 @@ def held_out(r: Run, data_file: str | None):
         ds = data_mod.load_recipe_data(recipe.data, data_file)
         return ds.conversations, ds.wheres
     prep = datacheck.prepare(recipe)
-    changed = r.data_changed((s["path"], s["sha256"]) for s in prep.report.get("sources", []))
+    changed = data_changed(r.info, r.dir, [(s["path"], s["sha256"]) for s in prep.report.get("sources", [])])
     if changed:
         raise UserError(f"{changed}: its split is not the held-out split of training, and may hold trained questions",
                         "restore the data the run was trained on, or pass --data FILE with questions it did not train on")
