@@ -257,12 +257,12 @@ def generate_cmd(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help=PICKLE_HELP),
 ) -> None:
     """Answer one question with a trained adapter or merged model (greedy, stored chat template)."""
-    from .serve import engine as generate
+    from .serve import engine
 
     constraint = _json_schema(json_schema)  # a bad schema file is refused before the model loads
-    loaded = generate.load(model_dir, _grants(trust_remote_code, allow_pickle))
+    loaded = engine.load(model_dir, _grants(trust_remote_code, allow_pickle))
     if constraint is None:
-        print(generate.answer(loaded, prompt, max_new_tokens))
+        print(engine.answer(loaded, prompt, max_new_tokens))
         return
     res = loaded.generate(loaded.messages(prompt), max_new_tokens, constraint=constraint)
     print(res.text)
@@ -325,10 +325,10 @@ def chat_cmd(
 ) -> None:
     """Chat with a tuned model, streaming; /use NAME switches adapters without reloading the base."""
     from .serve import chat
-    from .serve import engine as generate
+    from .serve.engine import Engine
 
     constraint = _json_schema(json_schema)
-    engine = generate.Engine.from_runs(chat.parse_adapters(run_dir, adapter), _grants(trust_remote_code, allow_pickle))
+    engine = Engine.from_runs(chat.parse_adapters(run_dir, adapter), _grants(trust_remote_code, allow_pickle))
     if use:
         engine.use(None if use == "base" else use)
     if prompt is not None:
@@ -476,7 +476,7 @@ def data_check_cmd(
     """Report what would be trained: rows, drops (file:line), duplicates, leakage, lengths, one sample."""
     import json
 
-    from .data import check as datacheck
+    from .data import check
     from .data.render import render
 
     rec = _data_recipe(recipe, files, base_model, columns, skip_bad, max_length, scrub, question_template)
@@ -487,7 +487,7 @@ def data_check_cmd(
         tok, stop, note = load_tokenizer_for_check(rec)
     else:
         note = "pass --recipe or --base-model to measure token lengths"
-    prep = datacheck.prepare(rec, tok, stop, note)
+    prep = check.prepare(rec, tok, stop, note)
     if as_json:
         print(json.dumps(prep.report, ensure_ascii=False, indent=2))
     else:

@@ -1,6 +1,6 @@
 """`qlora-kit data check`, and the same checks `train` runs before a single step.
 
-    read (readers) -> conversations (data) -> redact (pii, optional) -> duplicates (dedup)
+    read (readers) -> conversations (layouts) -> redact (pii, optional) -> duplicates (dedup)
     -> split by duplicate cluster -> encode under the recipe's tokenizer and template (cached)
     -> report: rows, drops with file:line, duplicates, leakage, lengths, truncation, one sample
 

@@ -2,10 +2,10 @@
 
 Base and tuned model are the same 4-bit base (the adapter switched off and on), the same chat
 template (the run's), greedy decoding. Each held-out question is answered by both; answers are
-scored with generic character-level metrics and the recipe's domain metrics (metrics.py);
+scored with generic character-level metrics and the recipe's domain metrics (eval/metrics.py, one module per family);
 teacher-forced eval loss on the reference answers is measured for both too. When the answers are
 JSON (a JSON task, a recipe's evaluation.json_schema or --json-schema), each question is answered
-once more under the schema (constrained decoding, structured.py) and the valid-JSON rate of both
+once more under the schema (constrained decoding, serve/structured.py) and the valid-JSON rate of both
 answers is reported. `report.py` turns
 the result into report.md, report.html (with loss curves) and review.csv in the run directory.
 """
@@ -29,13 +29,13 @@ def held_out(r: Run, data_file: str | None):
     """(conversations, wheres): a given file whole, or the run's own eval split (same split as training,
     so refused when the data files are no longer the ones the run was trained on)."""
     from .. import data as data_mod
-    from ..data import check as datacheck
+    from ..data import check
 
     run_dir, recipe = r.dir, r.recipe
     if data_file:
         ds = data_mod.load_recipe_data(recipe.data, data_file)
         return ds.conversations, ds.wheres
-    prep = datacheck.prepare(recipe)
+    prep = check.prepare(recipe)
     changed = data_changed(r.info, r.dir, [(s["path"], s["sha256"]) for s in prep.report.get("sources", [])])
     if changed:
         raise UserError(f"{changed}: its split is not the held-out split of training, and may hold trained questions",
@@ -43,7 +43,7 @@ def held_out(r: Run, data_file: str | None):
     if not prep.eval_idx:
         raise UserError(f"{run_dir}: the run has no held-out split (data.eval_fraction is 0 or the data is tiny)",
                         "pass --data FILE with questions the model did not train on")
-    convs = datacheck.conversations(prep, recipe)
+    convs = check.conversations(prep, recipe)
     return [convs[i] for i in prep.eval_idx], [prep.wheres[i] for i in prep.eval_idx]
 
 
@@ -148,7 +148,7 @@ def run(run_dir: str | Path, data_file: str | None = None, limit: int | None = N
         max_new_tokens: int | None = None, grants=None, json_schema: str | Path | None = None) -> dict:
     """`grants` (recipe.Grants): what this command's flags allow; the run's recipe.yaml grants nothing.
     `json_schema`: a JSON Schema file to answer under as well (default: see eval_constraint)."""
-    from ..serve import engine as generate
+    from ..serve.engine import Engine
     from ..model import refuse_unsafe
     from ..recipe import Grants
 
@@ -165,7 +165,7 @@ def run(run_dir: str | Path, data_file: str | None = None, limit: int | None = N
     if n:
         convs, wheres = convs[:n], wheres[:n]
     max_new = max_new_tokens or ev.max_new_tokens
-    engine = generate.Engine.from_runs({"tuned": target}, grants)
+    engine = Engine.from_runs({"tuned": target}, grants)
     console.print(f"eval: {len(convs)} held-out samples, task {ev.task}, greedy, up to {max_new} new tokens"
                   + (f"; each also constrained to JSON ({constraint.name})" if constraint else ""))
 

@@ -35,7 +35,7 @@ def parse_adapters(run_dir: Path | None, specs: list[str]) -> dict[str, Path]:
 
 def one_shot(engine, prompt: str, max_new_tokens: int, out=None, constraint=None):
     """Stream one answer to `out` (default: sys.stdout as it is now, not at import, so a redirect
-    is honoured); the generate.Result. `constraint`: JSON only (structured.Constraint)."""
+    is honoured); the engine.Result. `constraint`: JSON only (structured.Constraint)."""
     out = out or sys.stdout
     res = engine.generate(engine.messages(prompt), max_new_tokens, on_text=lambda t: (out.write(t), out.flush()),
                           constraint=constraint)

@@ -19,7 +19,7 @@ from .adapter import from_adapter_folder
 @dataclass
 class Preflight:
     """What `train` checks before it writes anything; the UI shows it before it starts a run."""
-    prep: object  # datacheck.Prepared
+    prep: object  # data.check.Prepared
     model_dir: str
     plan: dict | None
     warnings: list[str] = field(default_factory=list)
@@ -36,10 +36,10 @@ def preflight(recipe: Recipe, quiet: bool = False, measure: bool = False) -> Pre
     which needs the tokenizer; `train` encodes later with the one it trains with."""
     say = (lambda *a, **k: None) if quiet else console.print
     # 1. data: read, check, split (no model yet, so bad files fail in a second)
-    from ..data import check as datacheck
+    from ..data import check
     from ..model import load_tokenizer_for_check
 
-    prep = datacheck.prepare(recipe, *load_tokenizer_for_check(recipe)) if measure else datacheck.prepare(recipe)
+    prep = check.prepare(recipe, *load_tokenizer_for_check(recipe)) if measure else check.prepare(recipe)
     rep = prep.report
     say(f"data: {rep['split']['train'] + rep['split']['eval']} conversations from {rep['file']} "
         f"({rep['format']}, {rep['encoding']}, {rep['layout']})")
@@ -116,14 +116,14 @@ def data_files(rep: dict) -> list[dict]:
 def encode_samples(recipe: Recipe, pre: Preflight):
     """3. tokenizer and template; answer-only labels with EOS in the loss (cached by content).
     Returns (tokenizer, its template/stop-token facts, train rows, eval rows)."""
-    from ..data import check as datacheck
+    from ..data import check
     from ..model import load_tokenizer, prepare_tokenizer
     from ..quiet import quiet_libraries
 
     quiet_libraries()
     tokenizer = load_tokenizer(pre.model_dir, recipe)
     tok_info = prepare_tokenizer(tokenizer, recipe, pre.model_dir)
-    datacheck.encode(pre.prep, recipe, tokenizer, set(tok_info.stop_token_ids))
+    check.encode(pre.prep, recipe, tokenizer, set(tok_info.stop_token_ids))
     for warning in pre.report["warnings"]:
         console.print(f"[yellow]warning[/]: {warning}", highlight=False)
     train_rows, eval_rows = training_rows(pre.prep, pre.prep.train_idx), training_rows(pre.prep, pre.prep.eval_idx)

@@ -39,7 +39,7 @@ def run_info(recipe: Recipe, pre: Preflight, place: Place, tok_info, train_rows:
         "tokenizer": {"template_source": tok_info.template_source, "pad_token": tok_info.pad_token,
                       "stop_token_ids": tok_info.stop_token_ids},
         "from_adapter": recipe.from_adapter,
-        # training.max_length above the model's context, capped by datacheck.encode (recipe.yaml has the cap)
+        # training.max_length above the model's context, capped by data.check.encode (recipe.yaml has the cap)
         **({"max_length_capped": rep["tokens"]["context"]} if rep["tokens"].get("context") else {}),
         "resumed_from": place.resume_from.name if place.resume_from else None,
         "versions": rundir.versions(),

@@ -61,9 +61,9 @@ class Chat:
                 gc.collect()  # the previous engine's weights go before the new ones load
                 try:
                     from .. import serve
-                    from ..serve import engine as generate
+                    from ..serve.engine import Engine
 
-                    engine = generate.Engine.from_runs({ids[n]: p for n, p in runs.items()}, self.grants)
+                    engine = Engine.from_runs({ids[n]: p for n, p in runs.items()}, self.grants)
                     self.service, self.key = serve.Service(engine), key
                 except UserError as e:
                     yield {"type": "error", "error": e.message, "hint": e.hint}
