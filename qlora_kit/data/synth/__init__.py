@@ -38,10 +38,14 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def _unknown(domain: str) -> ValueError:
+    return ValueError(f"unknown synth domain {domain!r}; supported: {', '.join(domains.with_synth())}")
+
+
 def _module(domain: str):
     d = domains.get(domain)
     if d is None or not d.synth:
-        raise ValueError(f"unknown synth domain {domain!r}; supported: {', '.join(domains.with_synth())}")
+        raise _unknown(domain)
     return import_module(d.synth.partition(":")[0])
 
 
@@ -56,8 +60,10 @@ def generate(domain: str = "finance", n: int = 2000, seed: int = 0) -> list[dict
     Deterministic: the same (domain, n, seed) gives the same rows, and a smaller n is a prefix of a
     larger one. Unknown domain -> ValueError naming the supported ones.
     """
-    _module(domain)
-    return domains.synth_generator(domain)(n=n, seed=seed)
+    fn = domains.synth_generator(domain)
+    if fn is None:
+        raise _unknown(domain)
+    return fn(n=n, seed=seed)
 
 
 def write_jsonl(path, rows) -> None:
