@@ -21,6 +21,7 @@ from ..errors import UserError
 from ..run import RunInfo
 from ..rundir import COMPLETE as MARKER
 from ..rundir import checkpoint_step as _step
+from ..rundir import complete_checkpoints
 
 
 class RunStopped(UserError):
@@ -163,10 +164,10 @@ class DiskGuard(TrainerCallback):
         self.short: tuple[int, int] | None = None
 
     def needed(self) -> int:
-        done = [p for p in self.checkpoints.glob("checkpoint-*") if (p / MARKER).is_file()]
+        done = complete_checkpoints(self.checkpoints.parent)  # oldest first
         if not done:
             return self.minimum
-        last = max(done, key=_step)
+        last = self.checkpoints / done[-1]
         return int(1.5 * sum(f.stat().st_size for f in last.rglob("*") if f.is_file()))
 
     def on_step_end(self, args, state, control, **kw):
