@@ -208,9 +208,7 @@ def builtin_recipe_path(name: str) -> Path | None:
     """A domain's recipe (domains.py), else <name>.yaml in the built-in recipe folders."""
     domain = domains.get(name)
     file = Path(domain.recipe) if domain else Path(f"{name}.yaml")
-    if file.is_absolute():
-        return file if file.is_file() else None
-    for d in RECIPE_DIRS:
+    for d in RECIPE_DIRS:  # an absolute file stays itself: d / file == file
         p = d / file
         if p.is_file():
             return p
