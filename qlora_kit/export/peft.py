@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .. import rundir
 from ..errors import UserError
-from ..run import RunInfo, default_name, read_info, resolve
+from ..run import RunInfo, default_name, open_run
 from ..terminal import console
 from .source import check_free, is_merged_dir, read_json
 
@@ -24,8 +24,8 @@ def export_peft(path: Path, out: str | Path | None) -> dict:
     if is_merged_dir(path):
         raise UserError(f"{path} is a merged model, which has no adapter to export",
                         "pass the run directory (the merged folder's parent), or use --format gguf")
-    run, adapter = resolve(path)  # RUN, or RUN/checkpoints/checkpoint-N with its adapter
-    info = read_info(run)
+    r = open_run(path)  # RUN, or RUN/checkpoints/checkpoint-N with its adapter
+    run, adapter, info = r.dir, r.adapter, r.info
     out = Path(out) if out else run / "export" / ("peft" if adapter.name == rundir.ADAPTER else f"peft-{adapter.name}")
     check_free(out)
     cfg = read_json(adapter / "adapter_config.json")

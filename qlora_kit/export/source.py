@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .. import rundir
 from ..errors import UserError
-from ..run import RunInfo, default_name, is_run_dir, read_info, resolve
+from ..run import RunInfo, default_name, is_run_dir, open_run, read_info
 
 
 @dataclass
@@ -43,8 +43,8 @@ def is_merged_dir(p: Path) -> bool:
 def open_source(path: Path) -> Source:
     if is_merged_dir(path):
         return _merged_source(path)
-    run, _ = resolve(path)  # a UserError for anything that is not a run directory or a complete checkpoint
-    info = read_info(run)
+    r = open_run(path)  # a UserError for anything that is not a run directory or a complete checkpoint
+    info = r.info
     base = Path(info.base_model_path or "")
     if not info.base_model_path or not (base / "config.json").is_file():
         raise UserError(f"base model of this run not found at {info.base_model_path}",
@@ -52,9 +52,9 @@ def open_source(path: Path) -> Source:
     spm = base / "tokenizer.model"
     # run_dir: what merge reads (RUN or its checkpoint); the name says which checkpoint it was
     return Source(path=path, name=default_name(path), config=read_json(base / "config.json"),
-                  tokenizer_dir=run / rundir.TOKENIZER, stop_token_ids=list(info.tokenizer.stop_token_ids),
+                  tokenizer_dir=r.dir / rundir.TOKENIZER, stop_token_ids=list(info.tokenizer.stop_token_ids),
                   base_model=info.base_model, spm_model=spm if spm.is_file() else None, run_dir=path, info=info,
-                  system_prompt=_run_system_prompt(run))
+                  system_prompt=r.recipe.data.system_prompt)
 
 
 def _merged_source(path: Path) -> Source:

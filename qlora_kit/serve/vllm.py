@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .. import rundir
 from ..errors import UserError
-from ..run import read_info, resolve
+from ..run import open_run
 from .request import BASE
 
 VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # --max-lora-rank accepts only these
@@ -44,8 +44,8 @@ def _template(tok_dir: Path) -> str | None:
 def run_infos(runs: dict[str, Path]) -> list[RunInfo]:
     out = []
     for name, p in runs.items():
-        p, adir = resolve(p)  # RUN, or RUN/checkpoints/checkpoint-N with its adapter
-        info = read_info(p)
+        r = open_run(p)  # RUN, or RUN/checkpoints/checkpoint-N with its adapter
+        p, adir, info = r.dir, r.adapter, r.info
         cfg = json.loads((adir / "adapter_config.json").read_text(encoding="utf-8"))
         out.append(RunInfo(name, p, adir, info.base_model, info.base_model_path, int(cfg.get("r") or 8),
                            list(cfg.get("modules_to_save") or []), _template(p / rundir.TOKENIZER)))

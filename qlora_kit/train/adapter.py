@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .. import rundir
 from ..errors import UserError
-from ..run import read_info, resolve
+from ..run import open_run
 from ..terminal import console
 
 
@@ -21,8 +21,8 @@ def from_adapter_folder(source: str, base_model: str, model_dir: str) -> Path:
     """The adapter folder --from-adapter names (a run's final adapter, or one of its complete
     checkpoints), refused unless it was trained on this base model."""
     src = Path(source)
-    info = read_info(src)
-    _, adapter = resolve(src)
+    r = open_run(src)
+    info, adapter = r.info, r.adapter
     if info.base_model_path != model_dir:
         raise UserError(f"--from-adapter {src}: that adapter was trained on {info.base_model}, not on {base_model}",
                         f"use --base-model {info.base_model}, the base of the run you continue")
