@@ -109,6 +109,8 @@ def test_one_writer_and_no_duplicated_logs(ddp):
     assert ddp["out2"].strip().splitlines() == [str(ddp["dir"])]
     assert ddp["err2"].count("done:") == 1 and ddp["err2"].count("run directory:") == 1
     assert ddp["err1"].count("error: interrupted") == 1
+    # the per-step lines too (printed to a log file, not a terminal, they bypass Rich)
+    assert [ln.split("  ")[0] for ln in ddp["err1"].splitlines()].count(f"step 1/{STEPS}") == 1, ddp["err1"][-2000:]
     steps = [json.loads(x)["step"] for x in (ddp["dir"] / "logs" / "progress.jsonl").read_text().splitlines()
              if json.loads(x)["event"] == "log" and "loss" in json.loads(x)]
     # the resumed run logs again from its checkpoint; within one attempt no step appears twice

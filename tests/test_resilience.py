@@ -120,6 +120,32 @@ def test_second_ctrl_c_exits_at_once(harness):
     assert not (d / "sigint2" / "checkpoints" / "checkpoint-4").exists()
 
 
+def test_ctrl_c_during_the_ranks_stop_vote_is_not_lost(monkeypatch):
+    """Data-parallel ranks vote each step on stopping (an all-reduce). On a loaded machine a rank
+    spends much of its time waiting in that vote; a Ctrl-C handled there must still stop the run
+    at the next step, on every rank, not be overwritten by the vote's answer."""
+    from transformers import TrainerControl
+
+    from qlora_kit import distributed
+    from qlora_kit.terminal import console
+
+    def vote_with_ctrl_c_arriving(flag):
+        os.kill(os.getpid(), signal.SIGINT)  # lands while this rank waits for the others
+        sum(range(100))  # Python runs the handler at a bytecode boundary, here, before the vote returns
+        return flag  # the vote was cast before the press
+
+    stop = resilience.Interrupt(console)
+    with stop:
+        monkeypatch.setattr(distributed, "any_rank", vote_with_ctrl_c_arriving)
+        first = TrainerControl()
+        stop.on_step_end(None, None, first)
+        monkeypatch.setattr(distributed, "any_rank", lambda flag: flag)
+        second = TrainerControl()
+        stop.on_step_end(None, None, second)
+    assert not first.should_training_stop  # the vote that missed it: every rank goes on together
+    assert stop.requested and second.should_training_stop and second.should_save
+
+
 class _Inject:
     def __new__(cls, fn):
         from transformers import TrainerCallback

@@ -59,9 +59,10 @@ class RichProgress(TrainerCallback):
             self.eval_loss = float(logs["eval_loss"])
         if self.progress is not None:
             self.progress.update(self.task, status=self._status())
-        if not self.console.is_terminal and ("loss" in logs or "eval_loss" in logs):
+        if not self.console.is_terminal and not self.console.quiet and ("loss" in logs or "eval_loss" in logs):
             # a log file, not a terminal: the plain line, without Rich's rendering (a quarter of a
-            # millisecond per line)
+            # millisecond per line). Written to the file directly, so the console's quiet (a
+            # data-parallel worker other than rank 0) is checked here: one run, one log.
             self.console.file.write(f"step {state.global_step}/{state.max_steps}  {self._status()}\n")
 
     def on_train_end(self, args, state, control, **kw):

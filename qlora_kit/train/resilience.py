@@ -105,14 +105,15 @@ class Interrupt(TrainerCallback):
 
     def __init__(self, console):
         self.console = console
-        self.requested = False
+        self.requested = False  # agreed: some rank was interrupted, every rank stops at this step
+        self._pressed = False  # this process got Ctrl-C (set only by the handler)
         self._previous = None
 
     def _handler(self, signum, frame):
-        if self.requested:
+        if self._pressed:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt
-        self.requested = True
+        self._pressed = True
         self.console.print("\n[yellow]interrupt[/]: saving a checkpoint after this step (Ctrl-C again to quit now)")
 
     def __enter__(self):
@@ -130,8 +131,14 @@ class Interrupt(TrainerCallback):
     def on_step_end(self, args, state, control, **kw):
         from .. import distributed
 
-        # data-parallel workers must stop at the same step, or the others wait forever in all-reduce
-        self.requested = distributed.any_rank(self.requested)
+        # data-parallel workers must stop at the same step, or the others wait forever in all-reduce.
+        # The handler's flag is only read here, never assigned from the vote: a Ctrl-C landing while
+        # this rank waits in the vote's all-reduce (most of a loaded machine's time) would otherwise
+        # be overwritten by the vote's False and lost, and the run would train on to the end. Only the
+        # vote decides (every rank calls it, every rank gets the same answer); a press it missed is
+        # counted at the next step's vote.
+        if distributed.any_rank(self._pressed):
+            self.requested = True
         if self.requested:
             control.should_save = True
             control.should_training_stop = True
