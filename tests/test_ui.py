@@ -136,6 +136,10 @@ def test_loopback_without_token_checks_host_and_csrf(tmp_path):
     c = client(tmp_path / "runs")
     assert c.get("/api/runs").status_code == 200
     assert c.get("/api/runs", headers={"host": "localhost:7860"}).status_code == 200
+    # every loopback address the ui may bind to (`ui --host 127.0.0.2`), bracketed IPv6 too
+    for host in ("127.0.0.2:7860", "[::1]:7860", "LOCALHOST"):
+        assert c.get("/api/runs", headers={"host": host}).status_code == 200, host
+    assert c.get("/api/runs", headers={"host": "127.0.0.1.evil.example"}).status_code == 403
     # DNS rebinding: a foreign name that resolves to 127.0.0.1
     assert c.get("/api/runs", headers={"host": "evil.example:7860"}).status_code == 403
     assert c.post("/api/uploads?name=a.jsonl", content=b"x", headers={"origin": ORIGIN}).status_code == 403

@@ -27,14 +27,13 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from ..errors import UserError
-from ..net import MIN_SECRET
+from ..net import MIN_SECRET, is_loopback
 from ..net import check_ui_bind as check_bind  # check_bind: the name ui.app.main and the tests use
 
 COOKIE = "qlora_kit_session"
 CSRF_HEADER = "x-csrf-token"
 MIN_TOKEN = MIN_SECRET
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
-LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
        "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 HEADERS = [
@@ -222,7 +221,9 @@ class Guard:
                 message = {**message, "headers": [*message.get("headers", []), *extra]}
             await send(message)
 
-        if self.token is None and _split_host(headers.get("host", "")).lower() not in LOOPBACK_NAMES:
+        # without a token the ui serves loopback only; a Host that is not a loopback name or address
+        # is a foreign name resolving here (DNS rebinding). Any loopback address counts, as for the bind
+        if self.token is None and not is_loopback(_split_host(headers.get("host", "")).lower()):
             return await _reply(send_headers, 403, {"error": "unexpected Host header",
                                                     "hint": "open the UI at http://127.0.0.1:PORT/"})
         client = _client(scope)
