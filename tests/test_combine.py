@@ -140,7 +140,7 @@ def test_cat_combination_is_the_weighted_sum_of_the_deltas(runs, tmp_path):
 def test_ties_uses_a_density_and_dare_ties_is_reproducible(runs, tmp_path):
     specs = [f"{runs['legal']}=0.5", f"{runs['contracts']}=0.5"]
     a = merge.combine(specs, tmp_path / "d1", "dare_ties", adapter_only=True)
-    b = merge.combine(specs, tmp_path / "d2", "dare_ties", adapter_only=True)
+    merge.combine(specs, tmp_path / "d2", "dare_ties", adapter_only=True)
     assert a["combination"]["density"] == merge.DEFAULT_DENSITY and a["out"] == str(tmp_path / "d1")
     assert not (tmp_path / "d1" / "merged").exists()  # --adapter-only
     wa, wb = (load_file(tmp_path / d / "adapter" / "adapter_model.safetensors") for d in ("d1", "d2"))

@@ -30,7 +30,6 @@ from . import security
 from .pages import chat, files, jobs, new, runs, session
 from .state import DEFAULT_MAX_UPLOAD, UiState
 
-STATIC = Path(__file__).resolve().parent / "static"
 
 
 async def user_error(request: Request, e: UserError):
@@ -52,12 +51,12 @@ def create_app(runs_dir: Path, token: str | None = None, max_upload_bytes: int =
     api.add_exception_handler(UserError, user_error)
     api.add_exception_handler(RequestValidationError, bad_request)
     api.include_router(session.router)
-    api.mount("/static", StaticFiles(directory=STATIC), name="static")
+    api.mount("/static", StaticFiles(directory=security.STATIC), name="static")
     for page in (runs, files, new, jobs, chat):
         api.include_router(page.router)
     api.state.ui = ui
     api.state.index, api.state.jobs, api.state.root = ui.index, ui.jobs, ui.root  # for tests and embedding
-    api.add_middleware(security.Guard, token=token, csrf=ui.csrf, login_page=(STATIC / "login.html").read_bytes(),
+    api.add_middleware(security.Guard, token=token, csrf=ui.csrf, login_page=(security.STATIC / "login.html").read_bytes(),
                        sessions=ui.sessions)
     return api
 

@@ -16,11 +16,11 @@ import unicodedata
 from pathlib import Path
 
 from .. import rundir
+from ..data.dataset import DATA_SUFFIXES  # what the readers read, and so what may be uploaded
 from ..data import file_sha256
 from ..errors import UserError
 
 
-DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".txt", ".xlsx", ".xlsm")  # what readers.read reads
 
 
 class TooLarge(Exception):

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse
 
-from ..security import COOKIE
+from ..security import COOKIE, STATIC
 from ..state import State
 
-STATIC = Path(__file__).resolve().parent.parent / "static"
 
 router = APIRouter()
 
