@@ -286,3 +286,26 @@ def test_pickle_weights_refused_unless_allowed(tmp_path, tiny_dir):
         resolve_base_model(str(d))
     assert "--allow-pickle" in e.value.hint
     assert resolve_base_model(str(d), allow_pickle=True) == str(d.resolve())
+
+
+def test_ctrl_c_during_the_last_step_then_resume_trains_no_step_more(tiny_dir, qa_file, tmp_path):
+    """Ctrl-C lands while the last step runs: that step's checkpoint is saved and the run is
+    'interrupted'. Resuming must finish it (eval, adapter) without training a step past max_steps,
+    which transformers' resume does on its own when max_steps does not end an epoch."""
+    rec = make_recipe(str(tiny_dir), qa_file, max_steps=4, eval_steps=2, save_steps=2)
+
+    def ctrl_c_in_last_step(args, state, model):
+        pass
+
+    ctrl_c_in_last_step.begin = lambda args, state, model: (
+        os.kill(os.getpid(), signal.SIGINT) if state.global_step == 3 else None)
+    run_dir = tmp_path / "run"
+    with pytest.raises(resilience.RunStopped, match="interrupted at step 4"):
+        train.run(rec, str(run_dir), [_Inject(ctrl_c_in_last_step)])
+    saved = load_file(run_dir / "checkpoints" / "checkpoint-4" / "adapter_model.safetensors")
+    train.run(rec, str(run_dir))
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "finished" and info["resumed_from"] == "checkpoint-4"
+    assert json.loads((run_dir / "metrics.json").read_text())["global_step"] == 4
+    # the final adapter is the last step's weights, not one optimizer step further
+    assert _same(saved, load_file(run_dir / "adapter" / "adapter_model.safetensors")) == 0.0

@@ -65,12 +65,19 @@ def train_with_retries(attempt: Attempt, model_dir: str, tokenizer, train_rows, 
 def fit(recipe: Recipe, model_dir: str, tokenizer, train_rows, eval_rows, run_dir: Path, resume_from,
         info: dict, callbacks, fast):
     """Load the 4-bit base, attach LoRA (or continue an adapter), train. Returns (trainer, metrics, stops)."""
+    from . import resilience
+
     model = load_model(recipe, model_dir, tokenizer, info, fast)
     trainer, stops = build_trainer(recipe, model, tokenizer, train_rows, eval_rows, run_dir, callbacks, fast)
     with stops["interrupt"]:
-        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        try:
+            result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        except resilience.TrainingComplete:  # resumed from the last step's checkpoint: nothing to train
+            trainer.control = trainer.callback_handler.on_train_end(trainer.args, trainer.state, trainer.control)
+            result = None
     metrics = {"global_step": trainer.state.global_step, "train_loss": _last(trainer.state.log_history, "loss"),
-               "train_loss_mean": result.training_loss, "train_runtime_s": result.metrics.get("train_runtime")}
+               "train_loss_mean": result.training_loss if result else None,
+               "train_runtime_s": result.metrics.get("train_runtime") if result else None}
     if stops["interrupt"].requested or stops["finite"].bad_step is not None or stops["disk"].short is not None:
         return trainer, metrics, stops
     if eval_rows:
@@ -151,7 +158,8 @@ def build_trainer(recipe: Recipe, model, tokenizer, train_rows, eval_rows, run_d
         eval_dataset=as_dataset(eval_rows) if eval_rows else None,
         processing_class=tokenizer,
         callbacks=[RichProgress(console), ProgressLog(run_dir / rundir.LOGS / "progress.jsonl"), tensorboard, *early_stopping(recipe, bool(eval_rows)),
-                   stops["finite"], stops["disk"], stops["interrupt"], resilience.CompleteMarker(), *(callbacks or [])],
+                   stops["finite"], stops["disk"], stops["interrupt"], resilience.CompleteMarker(),
+                   resilience.NoStepPastTheEnd(), *(callbacks or [])],
     )
     for n, p in trainer.model.named_parameters():
         if n in exact:

@@ -144,6 +144,21 @@ class Interrupt(TrainerCallback):
             control.should_training_stop = True
 
 
+class TrainingComplete(Exception):
+    """Every step was already trained: the run was resumed from a checkpoint of its last step."""
+
+
+class NoStepPastTheEnd(TrainerCallback):
+    """A run interrupted during its last step saves a checkpoint of that step. Resumed from it,
+    transformers' Trainer (5.24) trains one step more whenever max_steps does not end an epoch: it
+    re-enters the unfinished epoch and checks the step count only after a step. Stop it before that
+    step starts, on every rank alike (no collective has begun), so the run ends as it would have."""
+
+    def on_step_begin(self, args, state, control, **kw):
+        if state.max_steps > 0 and state.global_step >= state.max_steps:
+            raise TrainingComplete(state.global_step)
+
+
 class FiniteLoss(TrainerCallback):
     """Stops the run at the first NaN/inf loss or gradient norm, without saving that state."""
 
