@@ -472,6 +472,7 @@ def data_check_cmd(
     max_length: Optional[int] = typer.Option(None, "--max-length", help="override training.max_length"),
     scrub: bool = typer.Option(False, "--scrub-pii", help="check the data as it would be after redaction"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON on stdout"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
 ) -> None:
     """Report what would be trained: rows, drops (file:line), duplicates, leakage, lengths, one sample."""
     import json
@@ -480,6 +481,9 @@ def data_check_cmd(
     from .data.render import render
 
     rec = _data_recipe(recipe, files, base_model, columns, skip_bad, max_length, scrub, question_template)
+    # the tokenizer is loaded with this command line's grant alone: a recipe file may be someone
+    # else's, and a check only reads (no pickled weights are loaded at all)
+    rec = rec.model_copy(update={"trust_remote_code": trust_remote_code, "allow_pickle": False})
     tok = stop = note = None
     if rec.base_model != "builtin:none":
         from .model import load_tokenizer_for_check

@@ -126,12 +126,16 @@ def custom_code_files(model_dir: str | Path) -> list[str]:
     return sorted(files)
 
 
+class CustomCodeRefused(UserError):
+    """A model folder asks to run its own code and this command was not given --trust-remote-code."""
+
+
 def refuse_custom_code(model_dir: str | Path, trust_remote_code: bool) -> None:
     """UserError when the folder asks for its own code and this command was not given --trust-remote-code.
     (Without the check transformers would silently fall back to its built-in class, or prompt.)"""
     files = custom_code_files(model_dir)
     if files and not trust_remote_code:
-        raise UserError(f"{model_dir}: this model asks to run its own Python code when loaded ({', '.join(files)})",
+        raise CustomCodeRefused(f"{model_dir}: this model asks to run its own Python code when loaded ({', '.join(files)})",
                         "if you trust where the model came from, pass --trust-remote-code to this command "
                         "(a recipe.yaml in a run directory never grants it)")
 
@@ -403,16 +407,19 @@ def load_tokenizer_for_check(recipe: Recipe):
     spec = recipe.base_model
     try:
         if spec.startswith("builtin:") or Path(spec).expanduser().exists():
-            model_dir = resolve_base_model(spec)
+            model_dir = resolve_base_model(spec, recipe.revision, recipe.trust_remote_code, recipe.allow_pickle)
         else:
             from huggingface_hub import snapshot_download
 
             model_dir = snapshot_download(spec, revision=recipe.revision,
-                                          allow_patterns=["tokenizer*", "*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken"],
+                                          allow_patterns=["tokenizer*", "*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+                                          + (["*.py"] if recipe.trust_remote_code else []),
                                           ignore_patterns=["*.safetensors*", "*.bin*"])
         tok = load_tokenizer(model_dir, recipe)
         info = prepare_tokenizer(tok, recipe, model_dir)
         return tok, set(info.stop_token_ids), None
+    except CustomCodeRefused:  # a refusal the user must see (exit 2 naming the flag), not a missing tokenizer
+        raise
     except UserError as e:
         return None, None, f"tokenizer of {spec} unavailable ({e.message.split(';')[0]}); pass --base-model DIR"
     except Exception as e:  # offline hub, gated repo, ...

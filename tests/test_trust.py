@@ -260,3 +260,17 @@ def test_a_recipe_file_cannot_grant_code_or_pickles(qa_file, tmp_path, capsys):
         code, err = cli(["train", rec, flag, "--run-dir", tmp_path / "r", "--dry-run"], capsys)
         assert code == 0, err
     assert not (tmp_path / "r").exists()
+
+
+def test_data_check_takes_the_grant_from_its_command_line_not_the_recipe(tiny_dir, qa_file, tmp_path, capsys):
+    """`data check --recipe R` loads R's tokenizer: a recipe file asking for trust_remote_code does
+    not grant it; a base that asks for code is refused naming the flag, and the flag lets it load."""
+    marker = tmp_path / "ran"
+    base = custom_code_base(tiny_dir, tmp_path, marker)
+    rec = tmp_path / "colleague.yaml"
+    rec.write_text(yaml.safe_dump({"base_model": str(base), "trust_remote_code": True, "data": {"path": str(qa_file)}}))
+    code, err = cli(["data", "check", qa_file, "--recipe", rec], capsys)
+    refused(code, err, "--trust-remote-code")
+    assert "asks to run its own Python code" in err and not marker.exists()
+    code, err = cli(["data", "check", qa_file, "--recipe", rec, "--trust-remote-code"], capsys)
+    assert code == 0 and "unavailable" not in err, err
