@@ -16,11 +16,11 @@ down, in qlora_kit/rowtemplate.py.
 
 from __future__ import annotations
 
-from .dataset import (Dataset, Source, combined_sha256, data_files, file_changes, file_sha256, list_sources, load,
-                      load_recipe_data, split)
+from .dataset import (DATA_SUFFIXES, Dataset, Source, combined_sha256, data_files, file_changes, file_sha256,
+                      list_sources, load, load_recipe_data, split)
 from .layouts import (Conversation, Message, answer_text, answered, detect_layout, has_tools, parse_columns,
                       question_text, to_conversation, to_record, tools_of)
 
-__all__ = ["Conversation", "Dataset", "Message", "Source", "answer_text", "answered", "combined_sha256", "data_files",
-           "detect_layout", "file_changes", "file_sha256", "has_tools", "list_sources", "load", "load_recipe_data",
+__all__ = ["Conversation", "DATA_SUFFIXES", "Dataset", "Message", "Source", "answer_text", "answered", "combined_sha256",
+           "data_files", "detect_layout", "file_changes", "file_sha256", "has_tools", "list_sources", "load", "load_recipe_data",
            "parse_columns", "question_text", "split", "to_conversation", "to_record", "tools_of"]

@@ -31,7 +31,6 @@ from .pages import chat, files, jobs, new, runs, session
 from .state import DEFAULT_MAX_UPLOAD, UiState
 
 
-
 async def user_error(request: Request, e: UserError):
     return JSONResponse({"error": e.message, "hint": e.hint}, status_code=getattr(e, "status", 400))
 
@@ -51,12 +50,12 @@ def create_app(runs_dir: Path, token: str | None = None, max_upload_bytes: int =
     api.add_exception_handler(UserError, user_error)
     api.add_exception_handler(RequestValidationError, bad_request)
     api.include_router(session.router)
-    api.mount("/static", StaticFiles(directory=security.STATIC), name="static")
+    api.mount("/static", StaticFiles(directory=session.STATIC), name="static")
     for page in (runs, files, new, jobs, chat):
         api.include_router(page.router)
     api.state.ui = ui
     api.state.index, api.state.jobs, api.state.root = ui.index, ui.jobs, ui.root  # for tests and embedding
-    api.add_middleware(security.Guard, token=token, csrf=ui.csrf, login_page=(security.STATIC / "login.html").read_bytes(),
+    api.add_middleware(security.Guard, token=token, csrf=ui.csrf, login_page=(session.STATIC / "login.html").read_bytes(),
                        sessions=ui.sessions)
     return api
 

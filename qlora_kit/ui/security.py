@@ -31,7 +31,6 @@ from ..net import MIN_SECRET, is_loopback
 from ..net import check_ui_bind as check_bind  # check_bind: the name ui.app.main and the tests use
 
 COOKIE = "qlora_kit_session"
-STATIC = Path(__file__).resolve().parent / "static"  # the page, its script and the login page
 CSRF_HEADER = "x-csrf-token"
 MIN_TOKEN = MIN_SECRET
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}

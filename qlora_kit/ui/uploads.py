@@ -16,11 +16,8 @@ import unicodedata
 from pathlib import Path
 
 from .. import rundir
-from ..data.dataset import DATA_SUFFIXES  # what the readers read, and so what may be uploaded
-from ..data import file_sha256
+from ..data import DATA_SUFFIXES, file_sha256  # DATA_SUFFIXES: what the readers read, so what may be uploaded
 from ..errors import UserError
-
-
 
 
 class TooLarge(Exception):

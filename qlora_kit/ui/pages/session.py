@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse
 
-from ..security import COOKIE, STATIC
+from ..security import COOKIE
 from ..state import State
 
+STATIC = Path(__file__).resolve().parent.parent / "static"  # the page, its script and the login page (app.py)
 
 router = APIRouter()
 
