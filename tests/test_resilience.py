@@ -309,3 +309,29 @@ def test_ctrl_c_during_the_last_step_then_resume_trains_no_step_more(tiny_dir, q
     assert json.loads((run_dir / "metrics.json").read_text())["global_step"] == 4
     # the final adapter is the last step's weights, not one optimizer step further
     assert _same(saved, load_file(run_dir / "adapter" / "adapter_model.safetensors")) == 0.0
+
+
+def test_resumed_at_the_last_step_still_ends_with_the_best_checkpoint(tiny_dir, qa_file, tmp_path):
+    """A run resumed from its last step's checkpoint trains nothing, and still ends as a finished
+    run does: with load_best_model_at_end (the default) its adapter is the best checkpoint's. Which
+    checkpoint is best is read from the trainer state the Trainer saved; here checkpoint-2's."""
+    rec = make_recipe(str(tiny_dir), qa_file, max_steps=4, eval_steps=2, save_steps=2)
+
+    def ctrl_c_in_last_step(args, state, model):
+        pass
+
+    ctrl_c_in_last_step.begin = lambda args, state, model: (
+        os.kill(os.getpid(), signal.SIGINT) if state.global_step == 3 else None)
+    run_dir = tmp_path / "run"
+    with pytest.raises(resilience.RunStopped, match="interrupted at step 4"):
+        train.run(rec, str(run_dir), [_Inject(ctrl_c_in_last_step)])
+    ckpts = run_dir / "checkpoints"
+    state_file = ckpts / "checkpoint-4" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["best_model_checkpoint"] = str(ckpts / "checkpoint-2")  # as if step 2 had the lowest eval loss
+    state_file.write_text(json.dumps(state))
+    best = load_file(ckpts / "checkpoint-2" / "adapter_model.safetensors")
+    assert _same(best, load_file(ckpts / "checkpoint-4" / "adapter_model.safetensors")) > 0
+    train.run(rec, str(run_dir))
+    assert json.loads((run_dir / "metrics.json").read_text())["global_step"] == 4
+    assert _same(best, load_file(run_dir / "adapter" / "adapter_model.safetensors")) == 0.0

@@ -73,7 +73,7 @@ def fit(recipe: Recipe, model_dir: str, tokenizer, train_rows, eval_rows, run_di
         try:
             result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         except resilience.TrainingComplete:  # resumed from the last step's checkpoint: nothing to train
-            trainer.control = trainer.callback_handler.on_train_end(trainer.args, trainer.state, trainer.control)
+            finish_without_training(trainer)
             result = None
     metrics = {"global_step": trainer.state.global_step, "train_loss": _last(trainer.state.log_history, "loss"),
                "train_loss_mean": result.training_loss if result else None,
@@ -92,6 +92,17 @@ def fit(recipe: Recipe, model_dir: str, tokenizer, train_rows, eval_rows, run_di
         metrics["warning"] = warn
         console.print(f"[yellow]warning[/]: {warn}", highlight=False)
     return trainer, metrics, stops
+
+
+def finish_without_training(trainer) -> None:
+    """What the Trainer does after its last step, for a run resumed from that step's checkpoint (the
+    train call stopped before a step past the end): the best checkpoint's adapter when the recipe
+    keeps the best (the same PEFT load_adapter call the Trainer makes), then the end-of-training
+    callbacks (progress bar, TensorBoard)."""
+    best = trainer.state.best_model_checkpoint
+    if trainer.args.load_best_model_at_end and best and Path(best).is_dir():
+        trainer.model.load_adapter(best, trainer.model.active_adapters[0])
+    trainer.control = trainer.callback_handler.on_train_end(trainer.args, trainer.state, trainer.control)
 
 
 def load_model(recipe: Recipe, model_dir: str, tokenizer, info: dict, fast):
