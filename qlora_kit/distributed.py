@@ -229,9 +229,9 @@ def _agent(command: list[str], processes: int, env: dict[str, str], result: dict
         result["error"] = e
 
 
-def _children() -> list[int]:
-    """Direct child processes of this one (torchrun's workers), from /proc."""
-    me, out = os.getpid(), []
+def _children(parent: int | None = None) -> list[int]:
+    """Direct child processes of `parent` (default: this one, whose are torchrun's workers), from /proc."""
+    me, out = parent or os.getpid(), []
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue

@@ -12,12 +12,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from conftest import make_recipe, write_qa
+from qlora_kit import distributed
 
 STEPS = 12
 
@@ -31,6 +33,13 @@ def _recipe(tiny_dir, data, **kw):
 
 def _cli(*args, env=None):
     return [sys.executable, "-m", "qlora_kit.cli", *args]
+
+
+def _sigint_pending(pid: int) -> bool:
+    """Whether SIGINT waits to be delivered to the (stopped) process `pid`, from /proc."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    masks = [int(ln.split()[1], 16) for ln in status.splitlines() if ln.startswith(("SigPnd:", "ShdPnd:"))]
+    return any(m & (1 << (signal.SIGINT - 1)) for m in masks)
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
@@ -64,16 +73,38 @@ def ddp(setup):
     cmd = _cli("train", str(recipe_file), "--run-dir", str(run_dir), "--cpu-processes", "2")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp)
-    progress = run_dir / "logs" / "progress.jsonl"
+    # A step of this tiny model takes ~35 ms, the whole run ~1 s: a Ctrl-C timed by polling lands
+    # after the last step as often as not (CI did), and the run rightly finishes. So the press is
+    # pinned to a step: the workers are frozen (SIGSTOP) the moment step 5's line arrives, Ctrl-C
+    # goes to the launcher as a user's would, and they go on once each holds the forwarded SIGINT.
+    frozen, err_lines = threading.Event(), []
+
+    def read_stderr():
+        for line in first.stderr:
+            err_lines.append(line)
+            if not frozen.is_set() and line.startswith("step 5/"):
+                workers = distributed._children(first.pid)
+                for pid in workers:
+                    os.kill(pid, signal.SIGSTOP)
+                frozen.workers = workers
+                frozen.set()
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
     deadline = time.time() + 240
-    while time.time() < deadline and first.poll() is None:
-        # interrupt once a complete checkpoint exists and training has moved past it
-        if progress.is_file() and any(json.loads(x).get("step", 0) >= 6 for x in progress.read_text().splitlines()):
-            break
-        time.sleep(0.3)
-    assert first.poll() is None, f"the run ended before it could be interrupted:\n{first.stderr.read()}"
+    while time.time() < deadline and first.poll() is None and not frozen.wait(0.2):
+        pass
+    assert frozen.is_set() and first.poll() is None, f"the run ended before it could be interrupted:\n{''.join(err_lines)}"
+    assert len(frozen.workers) == 2, frozen.workers
     first.send_signal(signal.SIGINT)
-    out1, err1 = first.communicate(timeout=180)
+    deadline = time.time() + 30
+    while time.time() < deadline and not all(_sigint_pending(pid) for pid in frozen.workers):
+        time.sleep(0.01)
+    for pid in frozen.workers:
+        os.kill(pid, signal.SIGCONT)
+    first.wait(timeout=180)
+    reader.join(timeout=10)
+    out1, err1 = first.stdout.read(), "".join(err_lines)
     info1 = json.loads((run_dir / "run.json").read_text())
     ckpts1 = sorted((p.name for p in (run_dir / "checkpoints").glob("checkpoint-*")
                      if (p / "qlora_kit_complete.json").is_file()), key=lambda n: int(n.rsplit("-", 1)[1]))  # 8 < 10
