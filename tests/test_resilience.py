@@ -288,10 +288,9 @@ def test_pickle_weights_refused_unless_allowed(tmp_path, tiny_dir):
     assert resolve_base_model(str(d), allow_pickle=True) == str(d.resolve())
 
 
-def test_ctrl_c_during_the_last_step_then_resume_trains_no_step_more(tiny_dir, qa_file, tmp_path):
-    """Ctrl-C lands while the last step runs: that step's checkpoint is saved and the run is
-    'interrupted'. Resuming must finish it (eval, adapter) without training a step past max_steps,
-    which transformers' resume does on its own when max_steps does not end an epoch."""
+def _interrupted_in_the_last_step(tiny_dir, qa_file, tmp_path):
+    """A 4-step run (checkpoints every 2) that gets Ctrl-C while its last step runs: it saves
+    checkpoint-4 and stops as 'interrupted'. Returns (recipe, run directory)."""
     rec = make_recipe(str(tiny_dir), qa_file, max_steps=4, eval_steps=2, save_steps=2)
 
     def ctrl_c_in_last_step(args, state, model):
@@ -302,6 +301,14 @@ def test_ctrl_c_during_the_last_step_then_resume_trains_no_step_more(tiny_dir, q
     run_dir = tmp_path / "run"
     with pytest.raises(resilience.RunStopped, match="interrupted at step 4"):
         train.run(rec, str(run_dir), [_Inject(ctrl_c_in_last_step)])
+    return rec, run_dir
+
+
+def test_ctrl_c_during_the_last_step_then_resume_trains_no_step_more(tiny_dir, qa_file, tmp_path):
+    """Ctrl-C lands while the last step runs: that step's checkpoint is saved and the run is
+    'interrupted'. Resuming must finish it (eval, adapter) without training a step past max_steps,
+    which transformers' resume does on its own when max_steps does not end an epoch."""
+    rec, run_dir = _interrupted_in_the_last_step(tiny_dir, qa_file, tmp_path)
     saved = load_file(run_dir / "checkpoints" / "checkpoint-4" / "adapter_model.safetensors")
     train.run(rec, str(run_dir))
     info = json.loads((run_dir / "run.json").read_text())
@@ -315,16 +322,7 @@ def test_resumed_at_the_last_step_still_ends_with_the_best_checkpoint(tiny_dir, 
     """A run resumed from its last step's checkpoint trains nothing, and still ends as a finished
     run does: with load_best_model_at_end (the default) its adapter is the best checkpoint's. Which
     checkpoint is best is read from the trainer state the Trainer saved; here checkpoint-2's."""
-    rec = make_recipe(str(tiny_dir), qa_file, max_steps=4, eval_steps=2, save_steps=2)
-
-    def ctrl_c_in_last_step(args, state, model):
-        pass
-
-    ctrl_c_in_last_step.begin = lambda args, state, model: (
-        os.kill(os.getpid(), signal.SIGINT) if state.global_step == 3 else None)
-    run_dir = tmp_path / "run"
-    with pytest.raises(resilience.RunStopped, match="interrupted at step 4"):
-        train.run(rec, str(run_dir), [_Inject(ctrl_c_in_last_step)])
+    rec, run_dir = _interrupted_in_the_last_step(tiny_dir, qa_file, tmp_path)
     ckpts = run_dir / "checkpoints"
     state_file = ckpts / "checkpoint-4" / "trainer_state.json"
     state = json.loads(state_file.read_text())
