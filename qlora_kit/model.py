@@ -136,8 +136,8 @@ def refuse_custom_code(model_dir: str | Path, trust_remote_code: bool) -> None:
     files = custom_code_files(model_dir)
     if files and not trust_remote_code:
         raise CustomCodeRefused(f"{model_dir}: this model asks to run its own Python code when loaded ({', '.join(files)})",
-                        "if you trust where the model came from, pass --trust-remote-code to this command "
-                        "(a recipe.yaml in a run directory never grants it)")
+                                "if you trust where the model came from, pass --trust-remote-code to this command "
+                                "(a recipe.yaml in a run directory never grants it)")
 
 
 def refuse_pickle(model_dir: str | Path, allow_pickle: bool) -> None:
